@@ -1,0 +1,1 @@
+//! Block bitmap (being written).
