@@ -88,18 +88,39 @@ pub fn plane_layouts(
     }
     let layouts = match format {
         PixelFormat::I420 => vec![
-            PlaneLayout { stride: width, rows: height },
-            PlaneLayout { stride: width / 2, rows: height / 2 },
-            PlaneLayout { stride: width / 2, rows: height / 2 },
+            PlaneLayout {
+                stride: width,
+                rows: height,
+            },
+            PlaneLayout {
+                stride: width / 2,
+                rows: height / 2,
+            },
+            PlaneLayout {
+                stride: width / 2,
+                rows: height / 2,
+            },
         ],
         PixelFormat::Nv12 => vec![
-            PlaneLayout { stride: width, rows: height },
-            PlaneLayout { stride: width, rows: height / 2 },
+            PlaneLayout {
+                stride: width,
+                rows: height,
+            },
+            PlaneLayout {
+                stride: width,
+                rows: height / 2,
+            },
         ],
         PixelFormat::Rgb24 => {
-            vec![PlaneLayout { stride: width.checked_mul(3).ok_or_else(bad)?, rows: height }]
+            vec![PlaneLayout {
+                stride: width.checked_mul(3).ok_or_else(bad)?,
+                rows: height,
+            }]
         }
-        PixelFormat::Gray8 => vec![PlaneLayout { stride: width, rows: height }],
+        PixelFormat::Gray8 => vec![PlaneLayout {
+            stride: width,
+            rows: height,
+        }],
         PixelFormat::Unknown => return Err(FrameError::UnknownFormat(format)),
     };
     if layouts.iter().any(|p| p.bytes() > MAX_PLANE_BYTES) {
@@ -110,7 +131,10 @@ pub fn plane_layouts(
 
 /// Total bytes of pixel data in a frame of this geometry.
 pub fn frame_bytes(format: PixelFormat, width: u32, height: u32) -> Result<usize, FrameError> {
-    Ok(plane_layouts(format, width, height)?.iter().map(PlaneLayout::bytes).sum())
+    Ok(plane_layouts(format, width, height)?
+        .iter()
+        .map(PlaneLayout::bytes)
+        .sum())
 }
 
 /// Everything about a frame except its pixels.
@@ -198,7 +222,10 @@ impl<'a> FrameWriter<'a> {
             // `bytes()` is bounded by MAX_PLANE_BYTES above, so it fits in u32.
             plane.init_data(layout.bytes() as u32);
         }
-        Ok(Self { frame, planes: count })
+        Ok(Self {
+            frame,
+            planes: count,
+        })
     }
 
     /// Number of planes in the frame.
