@@ -101,7 +101,7 @@ fn run(core: &Core, owner: u16, rx: &mpsc::Receiver<Job>, shared: &Shared) {
         let start = Instant::now();
         // SAFETY: the job is a released allocation of this owner; its segment's Builder is gone,
         // so nothing references the bytes, and only this thread handles the job.
-        unsafe { core.zero(job.first, job.dirty) };
+        unsafe { core.zero_streaming(job.first, job.dirty) };
         let nanos = start.elapsed().as_nanos() as u64;
         core.owners()[usize::from(owner)].remove_allocation();
         if let Err(e) = core.free_zeroed(job.first, job.blocks) {
