@@ -702,7 +702,7 @@ impl Region {
         }
         let core = Arc::new(core);
         let owner = owners::claim_slot(&core)?;
-        let scrubber = Scrubber::start(Arc::clone(&core), owner)?;
+        let scrubber = Scrubber::start(Arc::clone(&core))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 core,
@@ -826,7 +826,6 @@ impl Region {
             TableEntry::new(self.inner.owner, blocks).to_bits(),
             Ordering::Release,
         );
-        core.owners()[usize::from(self.inner.owner)].add_allocation();
         self.inner
             .counters
             .allocations
@@ -887,7 +886,6 @@ impl Region {
                 .counters
                 .inline_scrubbed_bytes
                 .fetch_add(dirty, Ordering::Relaxed);
-            inner.core.owners()[usize::from(inner.owner)].remove_allocation();
             if let Err(e) = inner.core.free_zeroed(first, blocks) {
                 debug_assert!(false, "releasing our own allocation failed: {e}");
             }

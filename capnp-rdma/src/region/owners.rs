@@ -22,21 +22,10 @@ pub(crate) struct OwnerSlot {
     state: AtomicU32,
     pid: AtomicU32,
     start_time: AtomicU64,
-    allocations: AtomicU64,
-    _reserved: AtomicU64,
+    _reserved: [AtomicU64; 2],
 }
 
 const _: () = assert!(std::mem::size_of::<OwnerSlot>() as u64 == super::layout::OWNER_SLOT_BYTES);
-
-impl OwnerSlot {
-    pub(crate) fn add_allocation(&self) {
-        self.allocations.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub(crate) fn remove_allocation(&self) {
-        self.allocations.fetch_sub(1, Ordering::Relaxed);
-    }
-}
 
 /// An allocation-table entry: set on the first block of each allocation, zero elsewhere.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,7 +105,6 @@ pub(crate) fn claim_slot(core: &Core) -> Result<u16, RegionError> {
             {
                 slot.pid.store(pid, Ordering::Relaxed);
                 slot.start_time.store(start_time, Ordering::Relaxed);
-                slot.allocations.store(0, Ordering::Relaxed);
                 slot.state.store(LIVE, Ordering::Release);
                 return Ok(i as u16); // OWNER_SLOTS <= 65536
             }
@@ -132,11 +120,32 @@ pub(crate) fn claim_slot(core: &Core) -> Result<u16, RegionError> {
 /// occupied, so a reclaimer can free it once this process is gone).
 pub(crate) fn release_slot(core: &Core, owner: u16) {
     let slot = &core.owners()[usize::from(owner)];
-    if slot.allocations.load(Ordering::Acquire) == 0 {
+    // Allocations are not counted per owner on the hot path (the counter's cache line would
+    // bounce between the allocating thread and the scrubber): scan the table once, here.
+    if allocations(core).all(|(_, entry)| entry.owner != owner) {
         slot.pid.store(0, Ordering::Relaxed);
         slot.start_time.store(0, Ordering::Relaxed);
         slot.state.store(FREE, Ordering::Release);
     }
+}
+
+/// Every allocation recorded in the table, as (first block, entry), in block order.
+fn allocations(core: &Core) -> impl Iterator<Item = (u64, TableEntry)> + '_ {
+    let table = core.table();
+    let mut block = 0u64;
+    std::iter::from_fn(move || {
+        while block < core.geo.block_count {
+            let at = block;
+            match TableEntry::from_bits(table[at as usize].load(Ordering::Acquire)) {
+                Some(entry) if entry.blocks > 0 => {
+                    block += entry.blocks;
+                    return Some((at, entry));
+                }
+                _ => block += 1,
+            }
+        }
+        None
+    })
 }
 
 pub(crate) fn reclaim_dead(core: &Core, me: u16) -> Result<ReclaimReport, RegionError> {
@@ -158,27 +167,15 @@ pub(crate) fn reclaim_dead(core: &Core, me: u16) -> Result<ReclaimReport, Region
             continue; // another reclaimer got it
         }
         let owner = i as u16;
-        let table = core.table();
-        let mut block = 0u64;
-        while block < core.geo.block_count {
-            let bits = table[block as usize].load(Ordering::Acquire);
-            match TableEntry::from_bits(bits) {
-                Some(entry) if entry.blocks > 0 => {
-                    if entry.owner == owner {
-                        // SAFETY: the owner is dead, so nothing references these bytes, and
-                        // the RECLAIMING state makes us the only reclaimer of this allocation.
-                        unsafe { core.zero(block, entry.blocks * core.geo.block_size) };
-                        core.free_zeroed(block, entry.blocks)?;
-                        report.allocations += 1;
-                        report.blocks += entry.blocks;
-                    }
-                    block += entry.blocks;
-                }
-                _ => block += 1,
-            }
+        for (block, entry) in allocations(core).filter(|(_, e)| e.owner == owner) {
+            // SAFETY: the owner is dead, so nothing references these bytes, and the
+            // RECLAIMING state makes us the only reclaimer of this allocation.
+            unsafe { core.zero(block, entry.blocks * core.geo.block_size) };
+            core.free_zeroed(block, entry.blocks)?;
+            report.allocations += 1;
+            report.blocks += entry.blocks;
         }
         report.dead_pids.push(pid);
-        slot.allocations.store(0, Ordering::Relaxed);
         slot.pid.store(0, Ordering::Relaxed);
         slot.start_time.store(0, Ordering::Relaxed);
         slot.state.store(FREE, Ordering::Release);
@@ -192,18 +189,10 @@ pub(crate) fn audit(core: &Core) -> Audit {
         ..Audit::default()
     };
     let mut per_owner = vec![0u64; core.geo.owner_slots as usize];
-    let table = core.table();
-    let mut block = 0u64;
-    while block < core.geo.block_count {
-        match TableEntry::from_bits(table[block as usize].load(Ordering::Acquire)) {
-            Some(entry) if entry.blocks > 0 => {
-                audit.table_blocks += entry.blocks;
-                if let Some(n) = per_owner.get_mut(usize::from(entry.owner)) {
-                    *n += 1;
-                }
-                block += entry.blocks;
-            }
-            _ => block += 1,
+    for (_, entry) in allocations(core) {
+        audit.table_blocks += entry.blocks;
+        if let Some(n) = per_owner.get_mut(usize::from(entry.owner)) {
+            *n += 1;
         }
     }
     for (i, slot) in core.owners().iter().enumerate() {

@@ -37,13 +37,13 @@ pub(crate) struct Scrubber {
 }
 
 impl Scrubber {
-    pub(crate) fn start(core: Arc<Core>, owner: u16) -> Result<Self, RegionError> {
+    pub(crate) fn start(core: Arc<Core>) -> Result<Self, RegionError> {
         let (tx, rx) = mpsc::channel::<Job>();
         let shared = Arc::new(Shared::default());
         let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("capnp-rdma-scrub".into())
-            .spawn(move || run(&core, owner, &rx, &thread_shared))
+            .spawn(move || run(&core, &rx, &thread_shared))
             .map_err(|source| RegionError::Io {
                 op: "spawn scrubber thread",
                 source,
@@ -96,14 +96,13 @@ impl Scrubber {
     }
 }
 
-fn run(core: &Core, owner: u16, rx: &mpsc::Receiver<Job>, shared: &Shared) {
+fn run(core: &Core, rx: &mpsc::Receiver<Job>, shared: &Shared) {
     while let Ok(job) = rx.recv() {
         let start = Instant::now();
         // SAFETY: the job is a released allocation of this owner; its segment's Builder is gone,
         // so nothing references the bytes, and only this thread handles the job.
         unsafe { core.zero_streaming(job.first, job.dirty) };
         let nanos = start.elapsed().as_nanos() as u64;
-        core.owners()[usize::from(owner)].remove_allocation();
         if let Err(e) = core.free_zeroed(job.first, job.blocks) {
             debug_assert!(false, "scrubber could not free its own allocation: {e}");
         }
