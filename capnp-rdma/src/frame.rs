@@ -68,12 +68,47 @@ pub enum FrameError {
 /// Largest plane a single Cap'n Proto `Data` field can hold (2^29 - 1 bytes).
 pub const MAX_PLANE_BYTES: usize = (1 << 29) - 1;
 
+/// The planes of a frame: at most three, stored inline (no heap allocation per frame).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlaneLayouts {
+    planes: [PlaneLayout; 3],
+    count: usize,
+}
+
+impl PlaneLayouts {
+    fn new(planes: &[PlaneLayout]) -> Self {
+        let mut out = Self {
+            planes: [PlaneLayout { stride: 0, rows: 0 }; 3],
+            count: planes.len(),
+        };
+        out.planes[..planes.len()].copy_from_slice(planes);
+        out
+    }
+}
+
+impl std::ops::Deref for PlaneLayouts {
+    type Target = [PlaneLayout];
+
+    fn deref(&self) -> &[PlaneLayout] {
+        &self.planes[..self.count]
+    }
+}
+
+impl<'a> IntoIterator for &'a PlaneLayouts {
+    type Item = &'a PlaneLayout;
+    type IntoIter = std::slice::Iter<'a, PlaneLayout>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
 /// Plane layouts of a `width` x `height` frame in `format` (tightly packed rows).
 pub fn plane_layouts(
     format: PixelFormat,
     width: u32,
     height: u32,
-) -> Result<Vec<PlaneLayout>, FrameError> {
+) -> Result<PlaneLayouts, FrameError> {
     let bad = || FrameError::BadGeometry {
         width,
         height,
@@ -86,41 +121,18 @@ pub fn plane_layouts(
     if subsampled && (width % 2 != 0 || height % 2 != 0) {
         return Err(bad());
     }
+    let plane = |stride, rows| PlaneLayout { stride, rows };
     let layouts = match format {
-        PixelFormat::I420 => vec![
-            PlaneLayout {
-                stride: width,
-                rows: height,
-            },
-            PlaneLayout {
-                stride: width / 2,
-                rows: height / 2,
-            },
-            PlaneLayout {
-                stride: width / 2,
-                rows: height / 2,
-            },
-        ],
-        PixelFormat::Nv12 => vec![
-            PlaneLayout {
-                stride: width,
-                rows: height,
-            },
-            PlaneLayout {
-                stride: width,
-                rows: height / 2,
-            },
-        ],
+        PixelFormat::I420 => PlaneLayouts::new(&[
+            plane(width, height),
+            plane(width / 2, height / 2),
+            plane(width / 2, height / 2),
+        ]),
+        PixelFormat::Nv12 => PlaneLayouts::new(&[plane(width, height), plane(width, height / 2)]),
         PixelFormat::Rgb24 => {
-            vec![PlaneLayout {
-                stride: width.checked_mul(3).ok_or_else(bad)?,
-                rows: height,
-            }]
+            PlaneLayouts::new(&[plane(width.checked_mul(3).ok_or_else(bad)?, height)])
         }
-        PixelFormat::Gray8 => vec![PlaneLayout {
-            stride: width,
-            rows: height,
-        }],
+        PixelFormat::Gray8 => PlaneLayouts::new(&[plane(width, height)]),
         PixelFormat::Unknown => return Err(FrameError::UnknownFormat(format)),
     };
     if layouts.iter().any(|p| p.bytes() > MAX_PLANE_BYTES) {

@@ -245,3 +245,14 @@ pub(crate) fn futex_wake_all(word: &AtomicU32) {
         libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX);
     }
 }
+
+/// Lowers the calling thread's scheduling priority (nice +10) so background work yields to
+/// the threads on the frame path when cores are scarce. Best effort.
+pub(crate) fn lower_thread_priority() {
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() };
+    // SAFETY: plain syscall; PRIO_PROCESS with a thread id adjusts only that thread on Linux.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10);
+    }
+}

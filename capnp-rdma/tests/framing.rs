@@ -42,7 +42,11 @@ fn i420_1080p_frame_is_four_entries_with_no_copy() {
         frame.plane_mut(i).unwrap().fill(i as u8 + 1);
     }
     let expected = capnp::serialize::write_message_to_words(&message);
-    assert_eq!(message.get_segments_for_output().len(), 4, "header + one segment per plane");
+    assert_eq!(
+        message.get_segments_for_output().len(),
+        4,
+        "header + one segment per plane"
+    );
     let options = FramingOptions::default();
     let sges = SgeList::build(&region, &mut message, &options).unwrap();
     check_entries(&region, &sges, &options);
@@ -51,7 +55,10 @@ fn i420_1080p_frame_is_four_entries_with_no_copy() {
     assert!(sges.scratch().is_none());
     // The table sits right in front of segment 0, inside its first block.
     let first = sges.entries()[0];
-    assert_eq!((first.offset - region.geometry().data_offset) % (64 << 10), TABLE_PREFIX_BYTES - 24);
+    assert_eq!(
+        (first.offset - region.geometry().data_offset) % (64 << 10),
+        TABLE_PREFIX_BYTES - 24
+    );
     // Each plane is exactly its landing pad plus its pixels.
     assert_eq!(sges.entries()[1].len, 8 + 1920 * 1080);
     assert_eq!(sges.entries()[2].len, 8 + 960 * 540);
@@ -65,13 +72,21 @@ fn i420_1080p_frame_is_four_entries_with_no_copy() {
     }
     // The same bytes, delivered contiguously (as a transport would), read the same way.
     let contiguous = aligned(&sges.to_vec());
-    let (reader, used) =
-        read_framed(capnp::Word::words_to_bytes(&contiguous), &ReadOptions::default()).unwrap();
+    let (reader, used) = read_framed(
+        capnp::Word::words_to_bytes(&contiguous),
+        &ReadOptions::default(),
+    )
+    .unwrap();
     assert_eq!(used as u64, sges.total_len());
     assert_eq!(FrameView::new(&reader).unwrap().plane(2).unwrap()[0], 3);
 }
 
-fn many_blobs(region: &Region, count: u32, blob: usize, options: AllocatorOptions) -> capnp::message::Builder<StagingAllocator> {
+fn many_blobs(
+    region: &Region,
+    count: u32,
+    blob: usize,
+    options: AllocatorOptions,
+) -> capnp::message::Builder<StagingAllocator> {
     let mut message = capnp::message::Builder::new(StagingAllocator::with_options(region, options));
     let mut list = message.initn_root::<capnp::data_list::Builder>(count);
     for i in 0..count {
@@ -96,7 +111,10 @@ fn more_segments_than_max_sge() {
         ..Default::default()
     };
     match SgeList::build(&region, &mut message, &strict) {
-        Err(FramingError::TooManyEntries { needed, max_sge: 30 }) => assert!(needed > 30),
+        Err(FramingError::TooManyEntries {
+            needed,
+            max_sge: 30,
+        }) => assert!(needed > 30),
         other => panic!("expected TooManyEntries, got {other:?}"),
     }
     let options = FramingOptions::default();
@@ -131,7 +149,11 @@ fn small_segments_are_coalesced_by_copy() {
     let sges = SgeList::build(&region, &mut message, &FramingOptions::default()).unwrap();
     assert_eq!(sges.to_vec(), expected);
     // Every piece is under the threshold: they are all copied into one entry.
-    assert_eq!(sges.entries().len(), 1, "all pieces are small: one copied entry");
+    assert_eq!(
+        sges.entries().len(),
+        1,
+        "all pieces are small: one copied entry"
+    );
     let table = (4 * (n as u64 + 1)).next_multiple_of(8);
     assert_eq!(sges.bytes_copied() as u64, sges.total_len() - table);
 
@@ -167,7 +189,10 @@ fn heap_fallback_segments_are_copied_and_counted() {
 
     let big = self::region(16 << 20, 4096);
     let mut message = capnp::message::Builder::new_default(); // all heap
-    message.init_root::<capnp::any_pointer::Builder>().set_as::<capnp::text::Owned>("hello").unwrap();
+    message
+        .init_root::<capnp::any_pointer::Builder>()
+        .set_as::<capnp::text::Owned>("hello")
+        .unwrap();
     let expected = capnp::serialize::write_message_to_words(&message);
     let sges = SgeList::build(&big, &mut message, &FramingOptions::default()).unwrap();
     assert_eq!(sges.to_vec(), expected);
@@ -192,7 +217,10 @@ fn segments_are_released_and_reused_clean() {
         let spec = FrameSpec::new(PixelFormat::Rgb24, 320, 240);
         let mut frame = FrameWriter::init(&mut message, &spec).unwrap();
         let plane = frame.plane_mut(0).unwrap();
-        assert!(plane.iter().all(|&b| b == 0), "round {round}: dirty segment handed out");
+        assert!(
+            plane.iter().all(|&b| b == 0),
+            "round {round}: dirty segment handed out"
+        );
         plane.fill(round + 1);
         let _ = SgeList::build(&region, &mut message, &FramingOptions::default()).unwrap();
         drop(message);
@@ -222,22 +250,30 @@ fn case() -> impl Strategy<Value = Case> {
         0u8..4,
         1u32..200,
         1u32..120,
-        proptest::collection::vec(("[a-z]{0,12}", proptest::collection::vec(any::<u8>(), 0..600)), 0..12),
+        proptest::collection::vec(
+            (
+                "[a-z]{0,12}",
+                proptest::collection::vec(any::<u8>(), 0..600),
+            ),
+            0..12,
+        ),
         prop_oneof![Just(8u64), Just(512), Just(16 << 10), 1u64..100_000],
         0usize..4096,
         1usize..40,
         prop_oneof![Just(4096u64), Just(16 << 10), Just(64 << 10)],
     )
-        .prop_map(|(format, w, h, metadata, large_segment_bytes, copy_threshold, max_sge, block)| Case {
-            format,
-            width: w * 2,
-            height: h * 2,
-            metadata,
-            large_segment_bytes,
-            copy_threshold,
-            max_sge,
-            block,
-        })
+        .prop_map(
+            |(format, w, h, metadata, large_segment_bytes, copy_threshold, max_sge, block)| Case {
+                format,
+                width: w * 2,
+                height: h * 2,
+                metadata,
+                large_segment_bytes,
+                copy_threshold,
+                max_sge,
+                block,
+            },
+        )
 }
 
 proptest! {

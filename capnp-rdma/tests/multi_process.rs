@@ -18,7 +18,13 @@ const BLOCK: u64 = 16 << 10;
 
 fn spawn(role: &str, region: &str) -> Child {
     Command::new(std::env::current_exe().unwrap())
-        .args(["--ignored", "--exact", "child_entry", "--nocapture", "--test-threads=1"])
+        .args([
+            "--ignored",
+            "--exact",
+            "child_entry",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(ROLE, role)
         .env(NAME, region)
         .stdout(Stdio::piped())
@@ -27,12 +33,18 @@ fn spawn(role: &str, region: &str) -> Child {
 }
 
 fn unique(tag: &str) -> String {
-    format!("capnp-rdma-test-{tag}-{}-{}", std::process::id(), rand_u64())
+    format!(
+        "capnp-rdma-test-{tag}-{}-{}",
+        std::process::id(),
+        rand_u64()
+    )
 }
 
 fn rand_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
-    std::collections::hash_map::RandomState::new().build_hasher().finish()
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
 }
 
 /// xorshift, seeded per child: no shared RNG state between processes.
@@ -78,7 +90,11 @@ fn churn(region: &Region) {
             let reader = sges.read(&ReadOptions::default()).unwrap();
             let view = FrameView::new(&reader).unwrap();
             assert_eq!(view.reader().get_sequence(), serial);
-            assert!(view.plane(0).unwrap().iter().all(|&b| b == (serial % 251) as u8));
+            assert!(view
+                .plane(0)
+                .unwrap()
+                .iter()
+                .all(|&b| b == (serial % 251) as u8));
             continue;
         }
         let blocks = 1 + rng.next() % 6;
@@ -105,7 +121,11 @@ fn churn(region: &Region) {
             let i = (rng.next() % held.len() as u64) as usize;
             let (lease, serial) = held.swap_remove(i);
             for block in lease.as_slice().chunks(BLOCK as usize) {
-                assert_eq!(&block[..8], &pid.to_le_bytes(), "block overwritten by another owner");
+                assert_eq!(
+                    &block[..8],
+                    &pid.to_le_bytes(),
+                    "block overwritten by another owner"
+                );
                 assert_eq!(&block[8..16], &serial.to_le_bytes(), "block overwritten");
             }
         }
@@ -174,10 +194,19 @@ fn four_processes_allocate_without_overlap() {
         let status = child.wait().unwrap();
         assert!(status.success(), "a child failed: {status}");
     }
-    assert_eq!(region.stats().blocks_in_use, 0, "children left blocks behind");
+    assert_eq!(
+        region.stats().blocks_in_use,
+        0,
+        "children left blocks behind"
+    );
     let audit = region.audit();
     assert_eq!(audit.orphaned_blocks(), 0);
-    assert_eq!(audit.owners.len(), 1, "only the parent's slot remains: {:?}", audit.owners);
+    assert_eq!(
+        audit.owners.len(),
+        1,
+        "only the parent's slot remains: {:?}",
+        audit.owners
+    );
 }
 
 #[test]
@@ -198,7 +227,11 @@ fn killed_owner_blocks_are_reclaimed() {
     assert_eq!(report.allocations, 5);
     assert_eq!(report.blocks, held);
     assert_eq!(region.stats().blocks_in_use, 0);
-    assert_eq!(region.reclaim_dead_owners().unwrap().allocations, 0, "reclaim is idempotent");
+    assert_eq!(
+        region.reclaim_dead_owners().unwrap().allocations,
+        0,
+        "reclaim is idempotent"
+    );
 
     // The dead owner's dirty bytes were zeroed before the blocks became free.
     let all = region.lease(region.geometry().data_bytes()).unwrap();
@@ -211,7 +244,8 @@ fn region_left_by_killed_process_reopens_and_reclaims() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("region");
     let geometry = {
-        let region = Region::create(&RegionOptions::file(&path, 4 << 20).block_size(BLOCK)).unwrap();
+        let region =
+            Region::create(&RegionOptions::file(&path, 4 << 20).block_size(BLOCK)).unwrap();
         region.geometry()
     }; // nobody maps the region now
     let mut child = spawn("hold-and-wait", path.to_str().unwrap());
@@ -221,9 +255,16 @@ fn region_left_by_killed_process_reopens_and_reclaims() {
 
     let region = Region::open_path(&path, &OpenOptions::default()).unwrap();
     assert_eq!(region.geometry(), geometry);
-    assert_eq!(region.stats().blocks_in_use, held, "the dead owner's blocks survive in the file");
+    assert_eq!(
+        region.stats().blocks_in_use,
+        held,
+        "the dead owner's blocks survive in the file"
+    );
     let audit = region.audit();
-    assert!(audit.owners.iter().any(|&(_, p, n)| p == pid && n == 5), "{audit:?}");
+    assert!(
+        audit.owners.iter().any(|&(_, p, n)| p == pid && n == 5),
+        "{audit:?}"
+    );
     let report = region.reclaim_dead_owners().unwrap();
     assert_eq!(report.dead_pids, vec![pid]);
     assert_eq!(report.blocks, held);

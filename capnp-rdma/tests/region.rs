@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 fn temp_path(tag: &str) -> PathBuf {
     use std::hash::{BuildHasher, Hasher};
-    let r = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    let r = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
     std::env::temp_dir().join(format!("capnp-rdma-{tag}-{}-{r:x}", std::process::id()))
 }
 
@@ -132,7 +134,11 @@ fn shared_by_fd_and_by_name() {
     assert_ne!(other.owner_slot(), region.owner_slot());
     let mut lease = other.lease(1).unwrap();
     lease.as_mut_slice()[0] = 42;
-    assert_eq!(region.stats().blocks_in_use, 1, "one bitmap, seen from both handles");
+    assert_eq!(
+        region.stats().blocks_in_use,
+        1,
+        "one bitmap, seen from both handles"
+    );
     // SAFETY: the lease holder does not write while we read.
     assert_eq!(unsafe { region.bytes(lease.offset(), 1) }.unwrap()[0], 42);
     drop(lease);
@@ -202,7 +208,11 @@ fn exhausted_lease_is_a_typed_error_and_wait_sees_frees() {
     let region = Region::create(&RegionOptions::memfd(1 << 20).block_size(4096)).unwrap();
     let all = region.lease(region.geometry().data_bytes()).unwrap();
     match region.lease(1) {
-        Err(RegionError::Exhausted { requested: 1, free: 0, .. }) => {}
+        Err(RegionError::Exhausted {
+            requested: 1,
+            free: 0,
+            ..
+        }) => {}
         other => panic!("expected Exhausted, got {other:?}"),
     }
     // An allocator waiting for space is woken by a release from another thread.
@@ -216,13 +226,19 @@ fn exhausted_lease_is_a_typed_error_and_wait_sees_frees() {
                 ..Default::default()
             },
         ));
-        message.init_root::<capnp::any_pointer::Builder>().set_as::<capnp::text::Owned>("x").unwrap();
+        message
+            .init_root::<capnp::any_pointer::Builder>()
+            .set_as::<capnp::text::Owned>("x")
+            .unwrap();
         (start.elapsed(), r2.stats().fallbacks)
     });
     std::thread::sleep(Duration::from_millis(200));
     drop(all);
     let (waited, fallbacks) = waiter.join().unwrap();
-    assert!(waited >= Duration::from_millis(150) && waited < Duration::from_secs(10), "{waited:?}");
+    assert!(
+        waited >= Duration::from_millis(150) && waited < Duration::from_secs(10),
+        "{waited:?}"
+    );
     assert_eq!(fallbacks, 0);
     assert_eq!(region.stats().waits, 1);
 
@@ -235,7 +251,10 @@ fn exhausted_lease_is_a_typed_error_and_wait_sees_frees() {
             ..Default::default()
         },
     ));
-    message.init_root::<capnp::any_pointer::Builder>().set_as::<capnp::text::Owned>("y").unwrap();
+    message
+        .init_root::<capnp::any_pointer::Builder>()
+        .set_as::<capnp::text::Owned>("y")
+        .unwrap();
     assert_eq!(region.stats().fallbacks, 1);
     drop((message, all));
 }

@@ -97,6 +97,7 @@ impl Scrubber {
 }
 
 fn run(core: &Core, rx: &mpsc::Receiver<Job>, shared: &Shared) {
+    crate::sys::lower_thread_priority();
     while let Ok(job) = rx.recv() {
         let start = Instant::now();
         // SAFETY: the job is a released allocation of this owner; its segment's Builder is gone,

@@ -1,0 +1,48 @@
+//! `frame-bench`: end-to-end benchmarks of capnp-rdma against the serializations a video
+//! pipeline would otherwise use, each reported as a ratio against the staging path measured in
+//! the same run.
+//!
+//! ```text
+//! frame-bench roundtrip [--json] [--frames 720p,1080p,4k] [--systems staging,capnp-heap,prost]
+//!                       [--variants pixels-ready,with-pixels] [--min-iters N]
+//!                       [--min-time-ms MS] [--batch N] [--quick] [--in-process]
+//! ```
+//!
+//! Every round trip checks what it read back; a wrong byte makes the process exit non-zero.
+
+use capnp_rdma_benches::CountingAlloc;
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+mod roundtrip;
+
+#[global_allocator]
+static GLOBAL: CountingAlloc = CountingAlloc;
+
+/// Benchmarks for capnp-rdma.
+#[derive(Debug, Parser)]
+#[command(name = "frame-bench", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Build, frame and read back one video frame per iteration, for each system.
+    Roundtrip(roundtrip::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Roundtrip(args) => roundtrip::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("frame-bench: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
