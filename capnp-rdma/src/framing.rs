@@ -195,6 +195,15 @@ fn write_table(out: &mut [u8], segments: &[&[u8]]) {
     out[4 + 4 * segments.len()..].fill(0);
 }
 
+/// The entries of a framed message and the scratch lease backing its copied pieces.
+#[derive(Debug)]
+struct Framed {
+    entries: Small<Sge>,
+    scratch: Option<BlockLease>,
+    bytes_copied: usize,
+    total: u64,
+}
+
 impl<'m> SgeList<'m> {
     /// Frames `message`, whose segments should come from a
     /// [`StagingAllocator`](crate::StagingAllocator) over `region` (segments that do not are
@@ -204,182 +213,13 @@ impl<'m> SgeList<'m> {
         message: &'m mut Builder<A>,
         options: &FramingOptions,
     ) -> Result<Self, FramingError> {
-        if options.max_sge == 0 {
-            return Err(FramingError::BadOptions);
-        }
-        let segments = message.get_segments_for_output();
-        let n = segments.len();
-        if n == 0 {
-            return Err(FramingError::EmptyMessage);
-        }
-        if n >= 512 {
-            return Err(FramingError::TooManySegments(n));
-        }
-        let table_len = (4 * (n + 1)).next_multiple_of(8);
-        let geo = region.geometry();
-        let prefix = crate::allocator::TABLE_PREFIX_BYTES;
-
-        // Where each piece is: the table goes in front of segment 0 when the allocator left
-        // room for it there.
-        let seg_offset = |i: usize| region.offset_of(segments[i].as_ptr(), segments[i].len());
-        let table_offset = seg_offset(0).filter(|&off| {
-            (off - geo.data_offset) % geo.block_size == prefix && table_len as u64 <= prefix
-        });
-        let table_offset = table_offset.map(|off| off - table_len as u64);
-
-        // Plan: one entry per piece, merged where physically adjacent.
-        let mut plan: Small<Planned> = Small::new();
-        let pieces = (0..=n).map(|p| {
-            if p == 0 {
-                (table_len as u64, table_offset)
-            } else {
-                (segments[p - 1].len() as u64, seg_offset(p - 1))
-            }
-        });
-        for (p, (len, offset)) in pieces.enumerate() {
-            if len == 0 {
-                continue;
-            }
-            let entries = plan.as_mut_slice();
-            if let (Some(last), Some(off)) = (entries.last_mut(), offset) {
-                if last.offset.map(|o| o + last.len) == Some(off)
-                    && last.len + len <= u32::MAX as u64
-                {
-                    last.len += len;
-                    last.last = p;
-                    continue;
-                }
-            }
-            plan.push(Planned {
-                len,
-                offset,
-                first: p,
-                last: p,
-            });
-        }
-
-        // Copy runs of small neighbours together.
-        let mut merged: Small<Planned> = Small::new();
-        for &entry in plan.as_slice() {
-            let small =
-                |e: &Planned| e.offset.is_none() || (e.len as usize) < options.copy_threshold;
-            match merged.as_mut_slice().last_mut() {
-                Some(prev)
-                    if small(prev) && small(&entry) && prev.len + entry.len <= u32::MAX as u64 =>
-                {
-                    prev.offset = None;
-                    prev.len += entry.len;
-                    prev.last = entry.last;
-                }
-                _ => merged.push(entry),
-            }
-        }
-        let mut plan = merged;
-
-        // Honour max_sge.
-        if plan.as_slice().len() > options.max_sge {
-            if options.overflow == SgeOverflow::Error {
-                return Err(FramingError::TooManyEntries {
-                    needed: plan.as_slice().len(),
-                    max_sge: options.max_sge,
-                });
-            }
-            let mut v = plan.as_slice().to_vec();
-            while v.len() > options.max_sge {
-                let i = (0..v.len() - 1)
-                    .filter(|&i| v[i].len + v[i + 1].len <= u32::MAX as u64)
-                    .min_by_key(|&i| v[i].len + v[i + 1].len)
-                    .ok_or(FramingError::TooManyEntries {
-                        needed: v.len(),
-                        max_sge: options.max_sge,
-                    })?;
-                let next = v.remove(i + 1);
-                v[i] = Planned {
-                    len: v[i].len + next.len,
-                    offset: None,
-                    first: v[i].first,
-                    last: next.last,
-                };
-            }
-            plan = Small::Heap(v);
-        }
-
-        // Copy what has to be copied into one scratch lease.
-        let copy_bytes: u64 = plan
-            .as_slice()
-            .iter()
-            .filter(|e| e.offset.is_none())
-            .map(|e| e.len)
-            .sum();
-        let mut scratch = if copy_bytes > 0 {
-            Some(
-                region
-                    .lease(copy_bytes)
-                    .map_err(|source| FramingError::Scratch {
-                        bytes: copy_bytes,
-                        source,
-                    })?,
-            )
-        } else {
-            None
-        };
-        let mut entries = Small::new();
-        let mut cursor = 0usize;
-        let mut bytes_copied = 0usize;
-        let mut total = 0u64;
-        for entry in plan.as_slice() {
-            let offset = match (entry.offset, scratch.as_mut()) {
-                (Some(off), _) => off,
-                (None, Some(lease)) => {
-                    let base = lease.offset() + cursor as u64;
-                    let buf = lease.as_mut_slice();
-                    for p in entry.first..=entry.last {
-                        if p == 0 {
-                            write_table(&mut buf[cursor..cursor + table_len], &segments[..]);
-                            cursor += table_len;
-                        } else {
-                            let seg = segments[p - 1];
-                            buf[cursor..cursor + seg.len()].copy_from_slice(seg);
-                            cursor += seg.len();
-                            bytes_copied += seg.len();
-                        }
-                    }
-                    base
-                }
-                (None, None) => unreachable!("copy_bytes > 0 whenever an entry is copied"),
-            };
-            total += entry.len;
-            entries.push(Sge {
-                offset,
-                len: entry.len as u32, // merged only up to u32::MAX
-            });
-        }
-        if let Some(lease) = scratch.as_mut() {
-            // SAFETY: only the first `cursor` bytes of the (zeroed) lease were written.
-            unsafe { lease.set_dirty_len(cursor as u64) };
-        }
-        if let Some(off) = table_offset {
-            // The table sits in the prefix of segment 0's first block, which belongs to the
-            // message's allocation (kept alive and unchanged by the `&mut` borrow we hold) and
-            // which Cap'n Proto never reads or writes.
-            let mut table = [0u8; crate::allocator::TABLE_PREFIX_BYTES as usize];
-            write_table(&mut table[..table_len], &segments[..]);
-            // SAFETY: `off..off+table_len` lies inside segment 0's block, in front of the
-            // segment (checked above); no Rust reference covers those bytes.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    table.as_ptr(),
-                    region.as_ptr().add(off as usize).cast_mut(),
-                    table_len,
-                );
-            }
-        }
+        let framed = frame_segments(region, &message.get_segments_for_output(), options)?;
         Ok(Self {
             region,
-            entries,
-            scratch,
-            bytes_copied,
-            total,
+            entries: framed.entries,
+            scratch: framed.scratch,
+            bytes_copied: framed.bytes_copied,
+            total: framed.total,
             _message: PhantomData,
         })
     }
@@ -440,6 +280,269 @@ impl<'m> SgeList<'m> {
         };
         read_scattered(entries, options)
     }
+}
+
+/// A framed message that owns its builder: what a transport holds while a write is in flight.
+///
+/// The segments (and any scratch copy) stay allocated until this value is dropped, so the
+/// entries stay valid for as long as a NIC or a peer may read them; a failed write hands the
+/// value back so nothing is freed under an operation that may still be running.
+///
+/// ```
+/// use capnp_rdma::framing::{FramingOptions, OutboundMessage};
+/// use capnp_rdma::{Region, RegionOptions, StagingAllocator};
+///
+/// let region = Region::create(&RegionOptions::memfd(16 << 20)).unwrap();
+/// let mut message = capnp::message::Builder::new(StagingAllocator::new(&region));
+/// message.init_root::<capnp::any_pointer::Builder>().set_as::<capnp::text::Owned>("hi").unwrap();
+/// let out = OutboundMessage::new(&region, message, &FramingOptions::default()).unwrap();
+/// assert_eq!(out.entries().len(), 1);
+/// let message = out.into_message(); // back to the builder once the write has completed
+/// # drop(message);
+/// ```
+pub struct OutboundMessage<A: Allocator = crate::StagingAllocator> {
+    framed: Framed,
+    region: Region,
+    message: Builder<A>,
+}
+
+impl<A: Allocator> std::fmt::Debug for OutboundMessage<A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutboundMessage")
+            .field("entries", &self.entries())
+            .field("bytes_copied", &self.framed.bytes_copied)
+            .finish()
+    }
+}
+
+impl<A: Allocator> OutboundMessage<A> {
+    /// Frames `message` over `region`; on failure the builder is handed back with the error.
+    pub fn new(
+        region: &Region,
+        message: Builder<A>,
+        options: &FramingOptions,
+    ) -> Result<Self, (FramingError, Builder<A>)> {
+        match frame_segments(region, &message.get_segments_for_output(), options) {
+            Ok(framed) => Ok(Self {
+                framed,
+                region: region.clone(),
+                message,
+            }),
+            Err(e) => Err((e, message)),
+        }
+    }
+
+    /// The entries, in order.
+    pub fn entries(&self) -> &[Sge] {
+        self.framed.entries.as_slice()
+    }
+
+    /// Total bytes: the framed message's length.
+    pub fn total_len(&self) -> u64 {
+        self.framed.total
+    }
+
+    /// Bytes of segment data copied while framing.
+    pub fn bytes_copied(&self) -> usize {
+        self.framed.bytes_copied
+    }
+
+    /// The region the entries point into.
+    pub fn region(&self) -> &Region {
+        &self.region
+    }
+
+    /// The bytes of entry `i`, in place.
+    pub fn entry_bytes(&self, i: usize) -> Option<&[u8]> {
+        let e = self.entries().get(i)?;
+        // SAFETY: the entries point into segments of the builder we own (never mutated after
+        // framing: we hand out no mutable access) or into our scratch lease.
+        unsafe { self.region.bytes(e.offset, u64::from(e.len)) }.ok()
+    }
+
+    /// Gives the builder back (its segments are released when it is dropped).
+    pub fn into_message(self) -> Builder<A> {
+        self.message
+    }
+}
+
+fn frame_segments(
+    region: &Region,
+    segments: &[&[u8]],
+    options: &FramingOptions,
+) -> Result<Framed, FramingError> {
+    if options.max_sge == 0 {
+        return Err(FramingError::BadOptions);
+    }
+    let n = segments.len();
+    if n == 0 {
+        return Err(FramingError::EmptyMessage);
+    }
+    if n >= 512 {
+        return Err(FramingError::TooManySegments(n));
+    }
+    let table_len = (4 * (n + 1)).next_multiple_of(8);
+    let geo = region.geometry();
+    let prefix = crate::allocator::TABLE_PREFIX_BYTES;
+
+    // Where each piece is: the table goes in front of segment 0 when the allocator left
+    // room for it there.
+    let seg_offset = |i: usize| region.offset_of(segments[i].as_ptr(), segments[i].len());
+    let table_offset = seg_offset(0).filter(|&off| {
+        (off - geo.data_offset) % geo.block_size == prefix && table_len as u64 <= prefix
+    });
+    let table_offset = table_offset.map(|off| off - table_len as u64);
+
+    // Plan: one entry per piece, merged where physically adjacent.
+    let mut plan: Small<Planned> = Small::new();
+    let pieces = (0..=n).map(|p| {
+        if p == 0 {
+            (table_len as u64, table_offset)
+        } else {
+            (segments[p - 1].len() as u64, seg_offset(p - 1))
+        }
+    });
+    for (p, (len, offset)) in pieces.enumerate() {
+        if len == 0 {
+            continue;
+        }
+        let entries = plan.as_mut_slice();
+        if let (Some(last), Some(off)) = (entries.last_mut(), offset) {
+            if last.offset.map(|o| o + last.len) == Some(off) && last.len + len <= u32::MAX as u64 {
+                last.len += len;
+                last.last = p;
+                continue;
+            }
+        }
+        plan.push(Planned {
+            len,
+            offset,
+            first: p,
+            last: p,
+        });
+    }
+
+    // Copy runs of small neighbours together.
+    let mut merged: Small<Planned> = Small::new();
+    for &entry in plan.as_slice() {
+        let small = |e: &Planned| e.offset.is_none() || (e.len as usize) < options.copy_threshold;
+        match merged.as_mut_slice().last_mut() {
+            Some(prev)
+                if small(prev) && small(&entry) && prev.len + entry.len <= u32::MAX as u64 =>
+            {
+                prev.offset = None;
+                prev.len += entry.len;
+                prev.last = entry.last;
+            }
+            _ => merged.push(entry),
+        }
+    }
+    let mut plan = merged;
+
+    // Honour max_sge.
+    if plan.as_slice().len() > options.max_sge {
+        if options.overflow == SgeOverflow::Error {
+            return Err(FramingError::TooManyEntries {
+                needed: plan.as_slice().len(),
+                max_sge: options.max_sge,
+            });
+        }
+        let mut v = plan.as_slice().to_vec();
+        while v.len() > options.max_sge {
+            let i = (0..v.len() - 1)
+                .filter(|&i| v[i].len + v[i + 1].len <= u32::MAX as u64)
+                .min_by_key(|&i| v[i].len + v[i + 1].len)
+                .ok_or(FramingError::TooManyEntries {
+                    needed: v.len(),
+                    max_sge: options.max_sge,
+                })?;
+            let next = v.remove(i + 1);
+            v[i] = Planned {
+                len: v[i].len + next.len,
+                offset: None,
+                first: v[i].first,
+                last: next.last,
+            };
+        }
+        plan = Small::Heap(v);
+    }
+
+    // Copy what has to be copied into one scratch lease.
+    let copy_bytes: u64 = plan
+        .as_slice()
+        .iter()
+        .filter(|e| e.offset.is_none())
+        .map(|e| e.len)
+        .sum();
+    let mut scratch = if copy_bytes > 0 {
+        Some(
+            region
+                .lease(copy_bytes)
+                .map_err(|source| FramingError::Scratch {
+                    bytes: copy_bytes,
+                    source,
+                })?,
+        )
+    } else {
+        None
+    };
+    let mut entries = Small::new();
+    let mut cursor = 0usize;
+    let mut bytes_copied = 0usize;
+    let mut total = 0u64;
+    for entry in plan.as_slice() {
+        let offset = match (entry.offset, scratch.as_mut()) {
+            (Some(off), _) => off,
+            (None, Some(lease)) => {
+                let base = lease.offset() + cursor as u64;
+                let buf = lease.as_mut_slice();
+                for p in entry.first..=entry.last {
+                    if p == 0 {
+                        write_table(&mut buf[cursor..cursor + table_len], segments);
+                        cursor += table_len;
+                    } else {
+                        let seg = segments[p - 1];
+                        buf[cursor..cursor + seg.len()].copy_from_slice(seg);
+                        cursor += seg.len();
+                        bytes_copied += seg.len();
+                    }
+                }
+                base
+            }
+            (None, None) => unreachable!("copy_bytes > 0 whenever an entry is copied"),
+        };
+        total += entry.len;
+        entries.push(Sge {
+            offset,
+            len: entry.len as u32, // merged only up to u32::MAX
+        });
+    }
+    if let Some(lease) = scratch.as_mut() {
+        // SAFETY: only the first `cursor` bytes of the (zeroed) lease were written.
+        unsafe { lease.set_dirty_len(cursor as u64) };
+    }
+    if let Some(off) = table_offset {
+        // The table sits in the prefix of segment 0's first block, which belongs to the
+        // message's allocation (kept alive and unchanged by the `&mut` borrow we hold) and
+        // which Cap'n Proto never reads or writes.
+        let mut table = [0u8; crate::allocator::TABLE_PREFIX_BYTES as usize];
+        write_table(&mut table[..table_len], segments);
+        // SAFETY: `off..off+table_len` lies inside segment 0's block, in front of the
+        // segment (checked above); no Rust reference covers those bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                table.as_ptr(),
+                region.as_ptr().add(off as usize).cast_mut(),
+                table_len,
+            );
+        }
+    }
+    Ok(Framed {
+        entries,
+        scratch,
+        bytes_copied,
+        total,
+    })
 }
 
 /// Segments of a message that lies in several places (scatter-gather entries), each segment

@@ -63,6 +63,8 @@ pub mod reader;
 pub mod region;
 pub(crate) mod sync;
 #[cfg(not(loom))]
+pub mod transport;
+#[cfg(not(loom))]
 mod sys;
 
 #[cfg(not(loom))]

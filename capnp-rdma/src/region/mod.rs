@@ -782,6 +782,13 @@ impl Region {
             .then_some(offset)
     }
 
+    /// Address of `offset` in this process, derived from the mapping (not from a reference).
+    /// The caller checks the range first.
+    pub(crate) fn data_ptr(&self, offset: u64) -> *mut u8 {
+        debug_assert!(offset <= self.len());
+        self.inner.core.map.as_ptr().wrapping_add(offset as usize)
+    }
+
     /// Checks that `offset..offset+len` lies in the data area.
     pub fn check_range(&self, offset: u64, len: u64) -> Result<(), RegionError> {
         let geo = &self.inner.core.geo;
