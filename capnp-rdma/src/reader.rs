@@ -41,6 +41,9 @@
 //!    fewer than 2^29 words each); the whole body must be present, else
 //!    [`ReadError::Truncated`] with the exact number of bytes the table asks for.
 //!
+//! [`read_frame`] adds the checks that make the message a usable `Frame`: known pixel format,
+//! valid geometry, exactly the format's planes, each plane large enough for its geometry.
+//!
 //! # What capnp checks while traversing
 //! Every pointer must stay inside its segment, far pointers must name an existing segment and
 //! land on a valid pad, lists must fit their declared sizes; the **traversal limit** bounds the
@@ -80,7 +83,7 @@
 //!
 //! [stream framing]: https://capnproto.org/encoding.html#serialization-over-a-stream
 
-use crate::frame::{FrameError, FrameView, PixelFormat};
+use crate::frame::{plane_layouts, FrameError, FrameView};
 use crate::frame_capnp::frame;
 use capnp::message::{Reader, ReaderOptions, ReaderSegments};
 
@@ -195,8 +198,8 @@ pub enum ReadError {
         /// Declared length in words.
         words: u64,
     },
-    /// The message is a well-formed Cap'n Proto message but not a usable frame (for example an
-    /// unknown pixel format). Returned by [`read_frame`] only.
+    /// The message is a well-formed Cap'n Proto message but not a usable frame: an unknown
+    /// pixel format, or a geometry the planes do not match. Returned by [`read_frame`] only.
     #[error("not a usable frame: {0}")]
     Frame(FrameError),
     /// capnp rejected the content: an out-of-bounds or malformed pointer, the traversal limit,
@@ -214,28 +217,40 @@ impl From<FrameError> for ReadError {
     }
 }
 
-/// Segment boundaries: `count + 1` byte offsets from the start of the framed message.
+/// Segment boundaries: `count + 1` offsets from the start of the framed message. Segment `i`
+/// spans offsets `i..i + 1`; offset 0 is the padded table length.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Bounds {
-    Inline([u64; INLINE_SEGMENTS + 1]),
+    /// Offsets in words, for up to 32 segments in a message of fewer than 2^32 words: small,
+    /// so a `Reader` over it is cheap to move.
+    Inline([u32; INLINE_SEGMENTS + 1]),
+    /// Offsets in bytes, for everything else.
     Heap(Box<[u64]>),
 }
 
 /// A parsed, validated segment table.
 ///
-/// Holds the segment count and each segment's position; up to 32 segments are stored inline
-/// (no heap allocation), more on the heap.
+/// Holds the segment count and where each segment starts and ends. Up to 32 segments are stored
+/// inline (no heap allocation), more on the heap.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SegmentTable {
     count: u32,
-    /// `bounds[0]` is the padded table length; segment `i` is `bounds[i]..bounds[i + 1]`.
     bounds: Bounds,
 }
 
-/// Reads the little-endian `u32` at byte `at` of `bytes`; the caller has checked the length.
+/// Reads the little-endian `u32` at byte `at` of `bytes`, if present.
 fn u32_at(bytes: &[u8], at: usize) -> Option<u32> {
     let field = bytes.get(at..at.checked_add(4)?)?;
     Some(u32::from_le_bytes([field[0], field[1], field[2], field[3]]))
+}
+
+/// The segment lengths, in words, from the length fields of a segment table.
+fn lengths(table: &[u8]) -> impl Iterator<Item = u64> + '_ {
+    table.chunks_exact(4).map(|length| {
+        u64::from(u32::from_le_bytes([
+            length[0], length[1], length[2], length[3],
+        ]))
+    })
 }
 
 impl SegmentTable {
@@ -262,51 +277,61 @@ impl SegmentTable {
         }
         // count < max_segments <= u32::MAX, so it fits in u32.
         let count = count_field + 1;
-        let header = (u64::from(count) / 2 + 1) * WORD_BYTES;
-        if available < header {
+        let header_words = u64::from(count) / 2 + 1;
+        if available < header_words * WORD_BYTES {
             return Err(ReadError::Truncated {
-                needed: header,
+                needed: header_words * WORD_BYTES,
                 available,
             });
         }
         // The table is present, so its length fits in usize.
-        let lengths = &bytes[4..4 + 4 * count as usize];
-        let mut bounds = if count as usize <= INLINE_SEGMENTS {
-            Bounds::Inline([0; INLINE_SEGMENTS + 1])
-        } else {
-            // The table itself is present and occupies 4 bytes per entry, so this allocation
-            // is at most twice the size of the input.
-            Bounds::Heap(vec![0; count as usize + 1].into_boxed_slice())
-        };
-        let slots = match &mut bounds {
-            Bounds::Inline(array) => &mut array[..],
-            Bounds::Heap(boxed) => &mut boxed[..],
-        };
-        let mut end = header;
-        slots[0] = end;
-        for (i, (length, slot)) in lengths.chunks_exact(4).zip(&mut slots[1..]).enumerate() {
-            let words = u32::from_le_bytes([length[0], length[1], length[2], length[3]]);
-            if words > MAX_SEGMENT_WORDS {
-                return Err(ReadError::SegmentTooLarge {
-                    words: u64::from(words),
-                });
+        let table = &bytes[4..4 + 4 * count as usize];
+
+        // One pass validates every length and, for small tables, records the bounds in words.
+        let mut inline = [0u32; INLINE_SEGMENTS + 1];
+        let mut end = header_words;
+        inline[0] = u32::try_from(end).unwrap_or(u32::MAX);
+        for (i, words) in lengths(table).enumerate() {
+            if words > u64::from(MAX_SEGMENT_WORDS) {
+                return Err(ReadError::SegmentTooLarge { words });
             }
             if i == 0 && words == 0 {
                 return Err(ReadError::EmptyFirstSegment);
             }
-            // Cannot overflow: fewer than 2^32 segments of fewer than 2^29 words (2^32 bytes)
-            // each, plus a table of at most 2^34 + 8 bytes, is below 2^64.
-            end += u64::from(words) * WORD_BYTES;
-            *slot = end;
+            // Cannot overflow: fewer than 2^32 segments of fewer than 2^29 words each, plus a
+            // table of at most 2^31 + 1 words, is below 2^62 words.
+            end += words;
+            if let Some(slot) = inline.get_mut(i + 1) {
+                // Truncated values are never used: the inline form needs `end` to fit (below).
+                *slot = u32::try_from(end).unwrap_or(u32::MAX);
+            }
         }
+        let bounds = if count as usize <= INLINE_SEGMENTS && end <= u64::from(u32::MAX) {
+            Bounds::Inline(inline)
+        } else {
+            // The table itself is present and takes 4 bytes per entry, so this allocation is at
+            // most twice the size of the input.
+            let mut bytes = Vec::with_capacity(count as usize + 1);
+            let mut end = header_words * WORD_BYTES;
+            bytes.push(end);
+            for words in lengths(table) {
+                end += words * WORD_BYTES;
+                bytes.push(end);
+            }
+            Bounds::Heap(bytes.into_boxed_slice())
+        };
         Ok(Self { count, bounds })
     }
 
-    fn bounds(&self) -> &[u64] {
-        let n = self.count as usize + 1;
+    /// Offset `i` in bytes from the start of the message; `i <= count`.
+    #[inline]
+    fn offset(&self, i: u32) -> u64 {
+        debug_assert!(i <= self.count);
+        let i = i as usize;
+        // Every index up to `count` is stored; the fallback is never taken.
         match &self.bounds {
-            Bounds::Inline(array) => &array[..n],
-            Bounds::Heap(boxed) => boxed,
+            Bounds::Inline(words) => words.get(i).map_or(0, |&w| u64::from(w) * WORD_BYTES),
+            Bounds::Heap(bytes) => bytes.get(i).copied().unwrap_or(0),
         }
     }
 
@@ -317,23 +342,22 @@ impl SegmentTable {
 
     /// Length of segment `i` in words, or `None` if there is no such segment.
     pub fn segment_words(&self, i: u32) -> Option<u32> {
-        let bounds = self.bounds();
-        let i = usize::try_from(i).ok()?;
-        let words = (bounds.get(i + 1)? - bounds[i]) / WORD_BYTES;
+        if i >= self.count {
+            return None;
+        }
         // Every length was read from a u32 field.
-        u32::try_from(words).ok()
+        u32::try_from((self.offset(i + 1) - self.offset(i)) / WORD_BYTES).ok()
     }
 
     /// Length of the segment table in bytes, padded to a multiple of 8.
     pub fn header_bytes(&self) -> usize {
-        // The table was present in the buffer that was parsed, so its length fits in usize.
-        (self.count / 2 + 1) as usize * 8
+        // The table was present in the parsed buffer, so its length fits in usize.
+        usize::try_from(self.offset(0)).unwrap_or(usize::MAX)
     }
 
     /// Total length of the segments in bytes.
     pub fn body_bytes(&self) -> u64 {
-        let bounds = self.bounds();
-        bounds[bounds.len() - 1] - bounds[0]
+        self.offset(self.count) - self.offset(0)
     }
 
     /// Total length of the segments in words.
@@ -343,18 +367,13 @@ impl SegmentTable {
 
     /// Length of the whole framed message (table and segments) in bytes.
     pub fn message_bytes(&self) -> u64 {
-        let bounds = self.bounds();
-        bounds[bounds.len() - 1]
+        self.offset(self.count)
     }
 
     /// Byte offset of segment `i` from the start of the framed message, or `None` if there is
     /// no such segment.
     pub fn segment_offset(&self, i: u32) -> Option<u64> {
-        let i = usize::try_from(i).ok()?;
-        if i >= self.count as usize {
-            return None;
-        }
-        Some(self.bounds()[i])
+        (i < self.count).then(|| self.offset(i))
     }
 }
 
@@ -402,11 +421,24 @@ impl<'a> InPlaceSegments<'a> {
     }
 
     /// Segment `i` as a slice of the original buffer, or `None` if there is no such segment.
+    #[inline]
     pub fn segment(&self, i: u32) -> Option<&'a [u8]> {
-        let i = usize::try_from(i).ok()?;
-        let bounds = self.table.bounds();
-        let start = usize::try_from(*bounds.get(i)?).ok()?;
-        let end = usize::try_from(*bounds.get(i + 1)?).ok()?;
+        if i >= self.table.count {
+            return None;
+        }
+        let i = i as usize;
+        // Offsets up to `count` are stored, and they lie within `message` (checked in `new`),
+        // so they fit in usize; `get` keeps this panic-free regardless.
+        let (start, end) = match &self.table.bounds {
+            Bounds::Inline(words) => (
+                usize::try_from(*words.get(i)?).ok()?.checked_mul(8)?,
+                usize::try_from(*words.get(i + 1)?).ok()?.checked_mul(8)?,
+            ),
+            Bounds::Heap(bytes) => (
+                usize::try_from(*bytes.get(i)?).ok()?,
+                usize::try_from(*bytes.get(i + 1)?).ok()?,
+            ),
+        };
         self.message.get(start..end)
     }
 }
@@ -443,11 +475,20 @@ pub fn read_framed<'a>(
 
 /// Reads a framed `Frame` message in place and checks it is usable as a frame.
 ///
-/// On top of [`read_framed`]: the root is a `Frame`, its pixel format is known (in the schema
-/// and not `unknown`) and every plane's data covers `stride * rows` bytes. The checks run on a
-/// separate reader over the same segments, so they do not spend the returned reader's
-/// traversal budget. Get at the planes with [`FrameView::new`]`(&reader)`, which repeats these
-/// cheap checks (a few pointer reads, no per-byte work):
+/// On top of [`read_framed`], the root is a `Frame` and:
+/// - its pixel format is known: in the schema and not `unknown`;
+/// - width and height are valid for the format ([`plane_layouts`]);
+/// - it has exactly as many planes as the format, checked before any plane is read, so a
+///   small message with a huge planes list costs nothing to reject;
+/// - every plane's data covers `stride * rows` bytes ([`FrameView::new`]'s check), and
+///   `stride` and `rows` are at least what width, height and format need, so a consumer that
+///   indexes pixels by width and height stays inside the plane.
+///
+/// Failures are [`ReadError::Frame`] (format, geometry) or [`ReadError::Capnp`] (malformed
+/// content, short plane data, limits). The checks run on a separate reader over the same
+/// segments, so they do not spend the returned reader's traversal budget. Get at the planes
+/// with [`FrameView::new`]`(&reader)`, which repeats the cheap plane checks (a few pointer
+/// reads, no per-byte work):
 ///
 /// ```
 /// # use capnp_rdma::frame::{FrameSpec, FrameView, FrameWriter, PixelFormat};
@@ -476,12 +517,32 @@ pub fn read_frame<'a>(
 
 /// The checks of [`read_frame`] on an already-constructed reader.
 fn check_frame<S: ReaderSegments>(message: &Reader<S>) -> Result<(), ReadError> {
-    let view = FrameView::new(message)?;
-    match view.reader().get_format() {
-        Ok(PixelFormat::Unknown) => Err(FrameError::UnknownFormat(PixelFormat::Unknown).into()),
-        Ok(_) => Ok(()),
-        Err(not_in_schema) => Err(capnp::Error::from(not_in_schema).into()),
+    let frame: frame::Reader<'_> = message.get_root()?;
+    let format = frame.get_format().map_err(capnp::Error::from)?;
+    let (width, height) = (frame.get_width(), frame.get_height());
+    // Unknown format, zero or odd-where-subsampled sizes.
+    let layouts = plane_layouts(format, width, height)?;
+    let inconsistent = || {
+        ReadError::Frame(FrameError::BadGeometry {
+            width,
+            height,
+            format,
+        })
+    };
+    // Before any plane is looked at: a huge planes list is rejected here, not iterated.
+    let planes = frame.get_planes()?;
+    if planes.len() as usize != layouts.len() {
+        return Err(inconsistent());
     }
+    // Every plane's data covers stride * rows.
+    FrameView::from_reader(frame)?;
+    // And stride * rows covers what width, height and format say.
+    for (plane, layout) in planes.iter().zip(&layouts) {
+        if plane.get_stride() < layout.stride || plane.get_rows() < layout.rows {
+            return Err(inconsistent());
+        }
+    }
+    Ok(())
 }
 
 /// Fuzz entry point shared by the cargo-fuzz target and the corpus test. Copies `data` into an
@@ -502,7 +563,7 @@ mod fuzz {
     /// Messages read back to back from one input.
     const MAX_MESSAGES: usize = 4;
     /// Output the schema-driven `Debug` traversal may produce before it is cut off.
-    const DEBUG_BUDGET: usize = 1 << 20;
+    const DEBUG_BUDGET: usize = 64 << 10;
 
     pub(super) fn run(data: &[u8]) {
         let mut words = capnp::Word::allocate_zeroed_vec(data.len().div_ceil(8));
