@@ -63,9 +63,9 @@ pub mod reader;
 pub mod region;
 pub(crate) mod sync;
 #[cfg(not(loom))]
-pub mod transport;
-#[cfg(not(loom))]
 mod sys;
+#[cfg(not(loom))]
+pub mod transport;
 
 #[cfg(not(loom))]
 pub use allocator::{AllocatorOptions, Exhausted, StagingAllocator};

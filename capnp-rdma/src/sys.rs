@@ -256,3 +256,217 @@ pub(crate) fn lower_thread_priority() {
         libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10);
     }
 }
+
+/// A non-blocking, close-on-exec eventfd with a counter of 0.
+pub(crate) fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall with valid flags; the result is checked by `owned_fd`.
+    owned_fd(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })
+}
+
+/// Adds `n` to an eventfd's counter (wakes a reader). `WouldBlock` if the counter would
+/// overflow, which only happens when the reader has not read for 2^64 - 2 wake-ups.
+pub(crate) fn eventfd_write(fd: BorrowedFd<'_>, n: u64) -> io::Result<()> {
+    let bytes = n.to_ne_bytes();
+    // SAFETY: `bytes` is a live 8-byte buffer for the duration of the call; an eventfd takes
+    // exactly 8-byte writes.
+    let rc = unsafe { libc::write(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
+    if rc == 8 {
+        Ok(())
+    } else if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Err(io::Error::other("short eventfd write"))
+    }
+}
+
+/// Reads and resets an eventfd's counter (`WouldBlock` when it is 0 on a non-blocking fd).
+pub(crate) fn eventfd_read(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut bytes = [0u8; 8];
+    // SAFETY: `bytes` is a live, writable 8-byte buffer for the duration of the call.
+    let rc = unsafe { libc::read(fd.as_raw_fd(), bytes.as_mut_ptr().cast(), bytes.len()) };
+    if rc == 8 {
+        Ok(u64::from_ne_bytes(bytes))
+    } else if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Err(io::Error::other("short eventfd read"))
+    }
+}
+
+/// Room for the control message of at most this many descriptors.
+const MAX_PASSED_FDS: usize = 8;
+/// A control-message buffer, aligned for `cmsghdr` (u64 alignment covers it on Linux).
+type CmsgBuf = [u64; 8];
+
+/// Sends `data` on a connected Unix stream socket with `fds` attached (SCM_RIGHTS), without
+/// blocking and without SIGPIPE. Returns the bytes sent; the descriptors travel with the first
+/// byte, so a caller finishing a short send sends the rest with no descriptors.
+pub(crate) fn send_with_fds(
+    sock: BorrowedFd<'_>,
+    data: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<usize> {
+    if fds.len() > MAX_PASSED_FDS {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let raw: Vec<libc::c_int> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
+    let fd_bytes = std::mem::size_of_val(raw.as_slice());
+    let mut cmsg: CmsgBuf = [0; 8];
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr().cast_mut().cast(),
+        iov_len: data.len(),
+    };
+    // SAFETY: an all-zero msghdr is a valid empty message.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if !raw.is_empty() {
+        // SAFETY: CMSG_SPACE is pure arithmetic on its argument.
+        let space = unsafe { libc::CMSG_SPACE(fd_bytes as libc::c_uint) } as usize;
+        debug_assert!(space <= std::mem::size_of::<CmsgBuf>());
+        msg.msg_control = cmsg.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        // SAFETY: msg_control points at `cmsg`, aligned for cmsghdr and at least CMSG_SPACE of
+        // the descriptor bytes long (MAX_PASSED_FDS ints fit in 64 bytes), so the first header
+        // and its data lie inside the buffer; nothing else references `cmsg` meanwhile.
+        unsafe {
+            let header = libc::CMSG_FIRSTHDR(&msg);
+            (*header).cmsg_level = libc::SOL_SOCKET;
+            (*header).cmsg_type = libc::SCM_RIGHTS;
+            (*header).cmsg_len = libc::CMSG_LEN(fd_bytes as libc::c_uint) as _;
+            std::ptr::copy_nonoverlapping(
+                raw.as_ptr().cast::<u8>(),
+                libc::CMSG_DATA(header),
+                fd_bytes,
+            );
+        }
+    }
+    // SAFETY: `msg` points at `iov` (over `data`, only read) and `cmsg`, all live for the
+    // call; the descriptors are open (borrowed) and the kernel duplicates them.
+    let rc = unsafe {
+        libc::sendmsg(
+            sock.as_raw_fd(),
+            &msg,
+            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc as usize)
+    }
+}
+
+/// What [`recv_with_fds`] received.
+#[derive(Debug)]
+pub(crate) struct Received {
+    /// Bytes read into the buffer (0 at end of stream).
+    pub(crate) len: usize,
+    /// Descriptors that came with them (close-on-exec).
+    pub(crate) fds: Vec<OwnedFd>,
+    /// The sender attached more descriptors (or control data) than there was room for; the
+    /// kernel closed the ones that did not fit.
+    pub(crate) truncated: bool,
+}
+
+/// Receives from a Unix stream socket without blocking, taking up to `max_fds` descriptors
+/// (SCM_RIGHTS) that came with the bytes.
+pub(crate) fn recv_with_fds(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    max_fds: usize,
+) -> io::Result<Received> {
+    let max_fds = max_fds.min(MAX_PASSED_FDS);
+    let mut cmsg: CmsgBuf = [0; 8];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: an all-zero msghdr is a valid empty message.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE is pure arithmetic on its argument.
+    let space =
+        unsafe { libc::CMSG_SPACE((max_fds * std::mem::size_of::<libc::c_int>()) as libc::c_uint) }
+            as usize;
+    msg.msg_controllen = space.min(std::mem::size_of::<CmsgBuf>()) as _;
+    // SAFETY: `msg` points at `iov` (over `buf`, exclusively borrowed) and `cmsg`, both live
+    // for the call and no longer than msg_iov/msg_control say.
+    let rc = unsafe {
+        libc::recvmsg(
+            sock.as_raw_fd(),
+            &mut msg,
+            libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut fds = Vec::new();
+    // SAFETY: after a successful recvmsg the kernel has filled `cmsg` with msg_controllen
+    // bytes of well-formed control messages; the CMSG_* macros walk only those bytes.
+    unsafe {
+        let mut header = libc::CMSG_FIRSTHDR(&msg);
+        while !header.is_null() {
+            if (*header).cmsg_level == libc::SOL_SOCKET && (*header).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(header);
+                let bytes = (*header).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                for i in 0..bytes / std::mem::size_of::<libc::c_int>() {
+                    let fd = std::ptr::read_unaligned(data.cast::<libc::c_int>().add(i));
+                    // Each descriptor is new in this process and owned by nobody else.
+                    fds.push(OwnedFd::from_raw_fd(fd));
+                }
+            }
+            header = libc::CMSG_NXTHDR(&msg, header);
+        }
+    }
+    Ok(Received {
+        len: rc as usize,
+        fds,
+        truncated: msg.msg_flags & libc::MSG_CTRUNC != 0,
+    })
+}
+
+/// Whether the peer of a connected stream socket has closed its end (or the connection
+/// failed), without consuming data or blocking. `false` while it is open, even if data is
+/// waiting.
+pub(crate) fn peer_closed(sock: BorrowedFd<'_>) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: `byte` is a live one-byte buffer; MSG_PEEK leaves the data in the socket.
+    let rc = unsafe {
+        libc::recv(
+            sock.as_raw_fd(),
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    match rc {
+        0 => true,
+        n if n > 0 => false,
+        _ => {
+            let e = io::Error::last_os_error();
+            !matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            )
+        }
+    }
+}
+
+/// Shuts down a connected socket in the given direction(s); the peer reads end-of-stream.
+pub(crate) fn shutdown(sock: BorrowedFd<'_>, how: std::net::Shutdown) -> io::Result<()> {
+    let how = match how {
+        std::net::Shutdown::Read => libc::SHUT_RD,
+        std::net::Shutdown::Write => libc::SHUT_WR,
+        std::net::Shutdown::Both => libc::SHUT_RDWR,
+    };
+    // SAFETY: plain syscall on an open descriptor.
+    if unsafe { libc::shutdown(sock.as_raw_fd(), how) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
