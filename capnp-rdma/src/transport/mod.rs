@@ -7,7 +7,7 @@
 //!  writer (owns payloads until completion)               target (owns the granted range)
 //!  ┌─────────────────────────────┐   one write of n entries  ┌──────────────────────────────┐
 //!  │ post_write(payload, off, imm)│ ────────────────────────▶ │ region[off .. off+len]       │
-//!  │ completions() ◀── payload   │ ◀──── completion ──────── │ incoming() -> (imm, off, len)│
+//!  │ completions() ◀── payload   │ ◀──── completion ──────── │ incoming() -> imm (+ where)  │
 //!  └─────────────────────────────┘                           └──────────────────────────────┘
 //! ```
 //!
@@ -26,6 +26,8 @@
 //!   batches.
 
 pub mod tcp;
+#[cfg(feature = "verbs")]
+pub mod verbs;
 
 use crate::framing::{OutboundMessage, Sge};
 use crate::region::{BlockLease, Region};
@@ -102,6 +104,9 @@ pub enum TransportError {
     /// The peer rejected the write.
     #[error("peer rejected the write: {0}")]
     Rejected(String),
+    /// The RDMA device refused an operation.
+    #[error("RDMA device: {0}")]
+    Device(String),
     /// No RDMA device is available (or none matches the selection).
     #[error("no RDMA device: {0}")]
     NoDevice(String),
@@ -255,11 +260,19 @@ pub struct Completion<P> {
 /// A write that has fully landed in the target's region.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Incoming {
-    /// The writer's immediate.
+    /// The writer's immediate: in the application's protocol, which slot was written.
     pub imm: u32,
-    /// Where the bytes are in the target's region.
+    /// Where the bytes landed, when the transport learns it (tcp and shm do; an RDMA WRITE
+    /// with immediate tells the target only the immediate).
+    pub at: Option<Landed>,
+}
+
+/// Where a write landed in the target's region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Landed {
+    /// Offset in the target's region.
     pub offset: u64,
-    /// How many bytes.
+    /// Bytes written.
     pub len: u64,
 }
 

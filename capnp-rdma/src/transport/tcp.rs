@@ -14,8 +14,8 @@
 //! announced. A write completes on the writer when its ACK arrives.
 
 use super::{
-    check_post, payload_slices, Completion, Incoming, Payload, RemoteRegion, SendError, Target,
-    TransportError, Writer,
+    check_post, payload_slices, Completion, Incoming, Landed, Payload, RemoteRegion, SendError,
+    Target, TransportError, Writer,
 };
 use crate::framing::OutboundMessage;
 use crate::region::{BlockLease, Region};
@@ -293,8 +293,10 @@ async fn receive(
         }
         let incoming = Incoming {
             imm: h.imm,
-            offset: h.offset,
-            len: h.len,
+            at: Some(Landed {
+                offset: h.offset,
+                len: h.len,
+            }),
         };
         if tx.send(Ok(incoming)).is_err() {
             return TransportError::Disconnected; // the target was dropped

@@ -58,10 +58,18 @@ pub fn bytes_of(message: &OutboundMessage) -> Vec<u8> {
         .collect()
 }
 
-/// The landed bytes of `incoming` in the target's region.
-pub fn landed<T: Target>(target: &T, incoming: &Incoming) -> Vec<u8> {
+/// The bytes the test wrote to `offset` (`len` of them), as they are in the target's region.
+/// Where the transport reports the landing place, it must be exactly that.
+pub fn landed<T: Target>(target: &T, incoming: &Incoming, offset: u64, len: usize) -> Vec<u8> {
+    if let Some(at) = incoming.at {
+        assert_eq!(
+            (at.offset, at.len),
+            (offset, len as u64),
+            "reported landing place"
+        );
+    }
     // SAFETY: the conformance tests never write a range again before reading it back.
-    unsafe { target.region().bytes(incoming.offset, incoming.len) }
+    unsafe { target.region().bytes(offset, len as u64) }
         .unwrap()
         .to_vec()
 }
@@ -117,15 +125,13 @@ pub async fn ordering_and_immediates<B: Backend>(b: &B) {
     let got = wait_incoming(&mut t, sizes.len()).await;
     for (seq, (inc, (off, bytes))) in got.iter().zip(&expected).enumerate() {
         assert_eq!(inc.imm, 1000 + seq as u32);
-        assert_eq!(inc.offset, *off);
-        assert_eq!(inc.len as usize, bytes.len());
-        let landed = landed(&t, inc);
+        let landed = landed(&t, inc, *off, bytes.len());
         assert!(landed == *bytes, "write {seq} landed different bytes");
         // Read in place from the target's region, as a consumer would.
         // SAFETY: nothing writes this range while we read it.
-        let in_place = unsafe { t.region().bytes(inc.offset, inc.len) }.unwrap();
+        let in_place = unsafe { t.region().bytes(*off, bytes.len() as u64) }.unwrap();
         let (reader, used) = read_framed(in_place, &ReadOptions::default()).unwrap();
-        assert_eq!(used as u64, inc.len);
+        assert_eq!(used, bytes.len());
         let view = FrameView::new(&reader).unwrap();
         assert_eq!(view.reader().get_sequence(), seq as u64);
         let y = view.plane(0).unwrap();
@@ -193,8 +199,8 @@ pub async fn large_and_tiny<B: Backend>(b: &B) {
     w.post_write(tiny, tiny_at, 2).map_err(|e| e.error).unwrap();
     assert!(drain(&mut w).await.iter().all(|c| c.status.is_ok()));
     let got = wait_incoming(&mut t, 2).await;
-    assert!(landed(&t, &got[0]) == big_bytes);
-    assert_eq!(landed(&t, &got[1]), tiny_bytes);
+    assert!(landed(&t, &got[0], base, big_bytes.len()) == big_bytes);
+    assert_eq!(landed(&t, &got[1], tiny_at, tiny_bytes.len()), tiny_bytes);
 }
 
 /// A message with more entries than any NIC takes in one work request.
@@ -228,7 +234,7 @@ pub async fn many_entries<B: Backend>(b: &B) {
     w.post_write(msg, base, 7).map_err(|e| e.error).unwrap();
     assert!(drain(&mut w).await[0].status.is_ok());
     let got = wait_incoming(&mut t, 1).await;
-    assert!(landed(&t, &got[0]) == bytes);
+    assert!(landed(&t, &got[0], base, bytes.len()) == bytes);
 }
 
 /// A write outside the granted range is never sent, and its payload comes back.
