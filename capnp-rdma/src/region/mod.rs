@@ -24,9 +24,16 @@
 //! assert_eq!(region.stats().blocks_in_use, 0);
 //! ```
 
+mod error;
 mod layout;
+mod lease;
+mod options;
 mod owners;
 mod scrub;
+
+pub use error::RegionError;
+pub use lease::BlockLease;
+pub use options::{Backing, HugePages, OpenOptions, RegionOptions};
 
 pub use layout::{Geometry, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
 pub use owners::ReclaimReport;
@@ -34,253 +41,17 @@ pub use owners::ReclaimReport;
 use crate::bitmap::{BitmapError, BlockBitmap};
 use crate::sync::AtomicU64;
 use crate::sys::{self, Mapping};
+use error::io_err;
 use layout::RawHeader;
 use owners::{OwnerSlot, TableEntry};
 use scrub::Scrubber;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// Why a region could not be created, opened or used.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum RegionError {
-    /// The block size is not a power of two between 4 KiB and 2 MiB.
-    #[error("block size {block_size} is not a power of two between 4 KiB and 2 MiB")]
-    BadBlockSize {
-        /// Requested block size.
-        block_size: u64,
-    },
-    /// The region cannot hold its metadata and at least one block.
-    #[error(
-        "a region of {region_bytes} bytes cannot hold metadata and one {block_size}-byte block"
-    )]
-    TooSmall {
-        /// Requested size.
-        region_bytes: u64,
-        /// Requested block size.
-        block_size: u64,
-    },
-    /// The memory does not start with the region magic.
-    #[error("not a capnp-rdma region (magic {found:02x?})")]
-    NotARegion {
-        /// The first eight bytes found.
-        found: [u8; 8],
-    },
-    /// The region was written by an incompatible version.
-    #[error("region layout version {found} is not supported (this build reads {supported})")]
-    UnsupportedVersion {
-        /// Version in the header.
-        found: u32,
-        /// Version this build understands.
-        supported: u32,
-    },
-    /// The backing file is shorter than the header says.
-    #[error("region is truncated: header says {expected} bytes, backing holds {actual}")]
-    Truncated {
-        /// Bytes the header declares.
-        expected: u64,
-        /// Bytes actually present.
-        actual: u64,
-    },
-    /// The header is inconsistent or was never finished.
-    #[error("corrupt region header: {reason}")]
-    CorruptHeader {
-        /// What is wrong.
-        reason: &'static str,
-    },
-    /// Explicit huge pages were required but none could be had.
-    #[error("huge pages required but unavailable ({source}); reserve some via /proc/sys/vm/nr_hugepages or use HugePages::Prefer")]
-    HugePagesUnavailable {
-        /// The system error.
-        source: io::Error,
-    },
-    /// mlock failed, usually because RLIMIT_MEMLOCK is too low.
-    #[error("cannot lock {bytes} bytes in memory: {source} (RLIMIT_MEMLOCK is {limit}); raise it with `ulimit -l` or LimitMEMLOCK=")]
-    Mlock {
-        /// Bytes to lock.
-        bytes: u64,
-        /// The soft limit, human readable.
-        limit: String,
-        /// The system error.
-        source: io::Error,
-    },
-    /// Every owner slot is taken by a live process.
-    #[error("all {0} owner slots of the region are in use")]
-    NoOwnerSlot(u64),
-    /// No free run of blocks is large enough right now.
-    #[error("region exhausted: {requested} blocks requested, {free} free, largest free run {largest_run}")]
-    Exhausted {
-        /// Blocks requested.
-        requested: u64,
-        /// Blocks free in total.
-        free: u64,
-        /// Longest run of free blocks.
-        largest_run: u64,
-    },
-    /// A byte range is outside the region's data area.
-    #[error("range {offset}+{len} is outside the data area {data_offset}..{end}")]
-    OutOfRange {
-        /// Requested offset.
-        offset: u64,
-        /// Requested length.
-        len: u64,
-        /// Start of the data area.
-        data_offset: u64,
-        /// End of the region.
-        end: u64,
-    },
-    /// The bitmap reported an inconsistency (double free or corruption).
-    #[error("block bitmap: {0}")]
-    Bitmap(#[from] BitmapError),
-    /// A system call failed.
-    #[error("{op}: {source}")]
-    Io {
-        /// What was being done.
-        op: &'static str,
-        /// The system error.
-        source: io::Error,
-    },
-}
-
-fn io_err(op: &'static str) -> impl FnOnce(io::Error) -> RegionError {
-    move |source| RegionError::Io { op, source }
-}
-
-/// Huge page policy for a new region.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum HugePages {
-    /// Ordinary pages.
-    #[default]
-    Off,
-    /// Explicit 2 MiB huge pages (memfd only) if the system has them reserved, else ordinary
-    /// pages with transparent huge pages requested. [`Region::huge_pages`] tells which.
-    Prefer,
-    /// Explicit 2 MiB huge pages or a [`RegionError::HugePagesUnavailable`] error.
-    Require,
-}
-
-/// What backs a region's memory.
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Backing {
-    /// An anonymous memfd: shared with other processes by passing its descriptor
-    /// ([`Region::fd`], e.g. over a Unix socket with SCM_RIGHTS, or by inheritance).
-    Memfd,
-    /// A named POSIX shared memory object (`/dev/shm/NAME`), opened by name with
-    /// [`Region::open_shm`]. The creator unlinks the name when it drops the region unless
-    /// [`RegionOptions::keep_name`] is set.
-    Shm(String),
-    /// A file, for persistence across restarts; reopened with [`Region::open_path`].
-    File(PathBuf),
-}
-
-/// How to create a region.
-#[derive(Clone, Debug)]
-pub struct RegionOptions {
-    backing: Backing,
-    size: u64,
-    block_size: u64,
-    huge_pages: HugePages,
-    mlock: bool,
-    prefault: bool,
-    keep_name: bool,
-    inline_scrub_limit: u64,
-}
-
-impl RegionOptions {
-    fn new(backing: Backing, size: u64) -> Self {
-        Self {
-            backing,
-            size,
-            block_size: 64 << 10,
-            huge_pages: HugePages::Off,
-            mlock: false,
-            prefault: true,
-            keep_name: false,
-            inline_scrub_limit: 4 << 10,
-        }
-    }
-
-    /// An anonymous memfd region of `size` bytes.
-    pub fn memfd(size: u64) -> Self {
-        Self::new(Backing::Memfd, size)
-    }
-
-    /// A region in the named POSIX shm object `name` (created exclusively).
-    pub fn shm(name: impl Into<String>, size: u64) -> Self {
-        Self::new(Backing::Shm(name.into()), size)
-    }
-
-    /// A region in a new file at `path` (created exclusively).
-    pub fn file(path: impl Into<PathBuf>, size: u64) -> Self {
-        Self::new(Backing::File(path.into()), size)
-    }
-
-    /// Block size: a power of two from 4 KiB to 2 MiB (default 64 KiB).
-    pub fn block_size(mut self, bytes: u64) -> Self {
-        self.block_size = bytes;
-        self
-    }
-
-    /// Huge page policy (default [`HugePages::Off`]).
-    pub fn huge_pages(mut self, policy: HugePages) -> Self {
-        self.huge_pages = policy;
-        self
-    }
-
-    /// Lock the region in memory with mlock (default off).
-    pub fn mlock(mut self, on: bool) -> Self {
-        self.mlock = on;
-        self
-    }
-
-    /// Fault every page in at creation (default on). Turning it off moves page faults onto
-    /// the first write of each page.
-    pub fn prefault(mut self, on: bool) -> Self {
-        self.prefault = on;
-        self
-    }
-
-    /// Keep the shm name when the creator drops the region (default: unlink it).
-    pub fn keep_name(mut self, keep: bool) -> Self {
-        self.keep_name = keep;
-        self
-    }
-
-    /// Releases that dirtied at most this many bytes are zeroed inline instead of by the
-    /// background scrubber (default 4 KiB): cheaper than a hand-off for tiny segments.
-    pub fn inline_scrub_limit(mut self, bytes: u64) -> Self {
-        self.inline_scrub_limit = bytes;
-        self
-    }
-}
-
-/// How to open an existing region.
-#[derive(Clone, Copy, Debug)]
-pub struct OpenOptions {
-    /// Fault every page in (default on).
-    pub prefault: bool,
-    /// Lock the mapping in memory (default off).
-    pub mlock: bool,
-    /// See [`RegionOptions::inline_scrub_limit`].
-    pub inline_scrub_limit: u64,
-}
-
-impl Default for OpenOptions {
-    fn default() -> Self {
-        Self {
-            prefault: true,
-            mlock: false,
-            inline_scrub_limit: 4 << 10,
-        }
-    }
-}
 
 /// Counters of a region, as seen by this process.
 ///
@@ -969,81 +740,3 @@ impl Region {
 }
 
 pub use owners::Audit;
-
-/// Blocks of a region held by this process until dropped; zeroed when leased, scrubbed when
-/// released.
-pub struct BlockLease {
-    region: Region,
-    first: u64,
-    blocks: u64,
-    dirty: u64,
-}
-
-impl std::fmt::Debug for BlockLease {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BlockLease")
-            .field("offset", &self.offset())
-            .field("len", &self.len())
-            .finish()
-    }
-}
-
-impl BlockLease {
-    /// Offset of the lease's first byte within the region.
-    pub fn offset(&self) -> u64 {
-        self.region.inner.core.geo.block_offset(self.first)
-    }
-
-    /// Length in bytes (whole blocks).
-    pub fn len(&self) -> u64 {
-        self.blocks * self.region.block_size()
-    }
-
-    /// Always false: a lease holds at least one block.
-    pub fn is_empty(&self) -> bool {
-        false
-    }
-
-    /// The region the lease belongs to.
-    pub fn region(&self) -> &Region {
-        &self.region
-    }
-
-    /// The leased bytes.
-    pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: the blocks are allocated to this lease (bitmap + table) and the mapping
-        // outlives `self.region`; only this lease writes them, through `&mut self`.
-        unsafe {
-            std::slice::from_raw_parts(
-                self.region.inner.core.block_ptr(self.first),
-                self.len() as usize,
-            )
-        }
-    }
-
-    /// The leased bytes, writable.
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as in `as_slice`, and `&mut self` makes this the only reference.
-        unsafe {
-            std::slice::from_raw_parts_mut(
-                self.region.inner.core.block_ptr(self.first),
-                self.len() as usize,
-            )
-        }
-    }
-
-    /// Declares that only the first `bytes` were written, so release zeroes only those.
-    ///
-    /// # Safety
-    /// No byte at or past `bytes` may have been written with a non-zero value.
-    pub unsafe fn set_dirty_len(&mut self, bytes: u64) {
-        self.dirty = bytes.min(self.len());
-    }
-}
-
-impl Drop for BlockLease {
-    fn drop(&mut self) {
-        // SAFETY: this lease's allocation, released once, with no outstanding borrows (Drop).
-        unsafe { self.region.release(self.first, self.blocks, self.dirty) };
-    }
-}

@@ -14,7 +14,7 @@
 
 use crate::transport::TransportError;
 use rdma_mummy_sys::{
-    ibv_ack_cq_events, ibv_comp_channel, ibv_cq, ibv_get_cq_event, ibv_req_notify_cq, ibv_wc,
+    ibv_ack_cq_events, ibv_comp_channel, ibv_cq, ibv_get_cq_event, ibv_req_notify_cq,
 };
 use sideway::ibverbs::completion::{
     BasicCompletionQueue, CompletionChannel, CompletionQueue, PollCompletionQueueError,
@@ -34,7 +34,6 @@ pub(crate) struct Wc {
     pub(crate) wr_id: u64,
     pub(crate) status: u32,
     pub(crate) opcode: u32,
-    pub(crate) byte_len: u32,
     /// Immediate in host byte order.
     pub(crate) imm: u32,
 }
@@ -104,10 +103,6 @@ impl HybridCq {
         })
     }
 
-    pub(crate) fn cq(&self) -> &Arc<BasicCompletionQueue> {
-        &self.cq
-    }
-
     pub(crate) fn stats(&self) -> PollStats {
         self.stats
     }
@@ -127,7 +122,6 @@ impl HybridCq {
                     wr_id: wc.wr_id(),
                     status: wc.status(),
                     opcode: wc.opcode(),
-                    byte_len: wc.byte_len(),
                     imm: u32::from_be(wc.imm_data()),
                 }));
                 let n = out.len() - before;
@@ -234,7 +228,4 @@ impl Drop for HybridCq {
 pub(crate) const WC_SUCCESS: u32 = 0;
 /// Opcode of a receive completion for an RDMA WRITE with immediate.
 pub(crate) const WC_RECV_RDMA_WITH_IMM: u32 =
-    rdma_mummy_sys::ibv_wc_opcode::IBV_WC_RECV_RDMA_WITH_IMM as u32;
-
-#[allow(dead_code)]
-fn _assert_wc_layout(_: ibv_wc) {}
+    rdma_mummy_sys::ibv_wc_opcode::IBV_WC_RECV_RDMA_WITH_IMM;
