@@ -295,7 +295,9 @@ impl<'m> SgeList<'m> {
 /// let region = Region::create(&RegionOptions::memfd(16 << 20)).unwrap();
 /// let mut message = capnp::message::Builder::new(StagingAllocator::new(&region));
 /// message.init_root::<capnp::any_pointer::Builder>().set_as::<capnp::text::Owned>("hi").unwrap();
-/// let out = OutboundMessage::new(&region, message, &FramingOptions::default()).unwrap();
+/// let out = OutboundMessage::new(&region, message, &FramingOptions::default())
+///     .map_err(|(error, _message)| error)
+///     .unwrap();
 /// assert_eq!(out.entries().len(), 1);
 /// let message = out.into_message(); // back to the builder once the write has completed
 /// # drop(message);
