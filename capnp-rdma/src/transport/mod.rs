@@ -24,7 +24,11 @@
 //!   checks again (and drops a connection that tries).
 //! - At most `window` writes are in flight per connection; completions arrive in order, in
 //!   batches.
+//!
+//! Backends: [`tcp`] (any host) and [`shm`] (same host: the writer copies straight into the
+//! target's shared region and notifies it through a lock-free ring).
 
+pub mod shm;
 pub mod tcp;
 #[cfg(feature = "verbs")]
 pub mod verbs;
@@ -322,4 +326,33 @@ pub trait Target {
     /// in order. `Err(Disconnected)` once the writer is gone and everything it completed has
     /// been delivered.
     async fn incoming(&mut self, out: &mut Vec<Incoming>) -> Result<usize, TransportError>;
+}
+
+/// Fuzz entry point: feeds `data` to every decoder of bytes a transport peer sends (the tcp
+/// HELLO, WRITE header and ACK; the verbs endpoint exchange). Must never panic.
+#[doc(hidden)]
+pub fn fuzz_decode_control(data: &[u8]) {
+    let _ = tcp::Hello::decode(data);
+    let _ = tcp::decode_ack(data);
+    let granted = match tcp::Hello::decode(data) {
+        Ok(hello) => hello.remote,
+        Err(_) => RemoteRegion {
+            region_id: 1,
+            rkey: 0,
+            base: 0,
+            offset: 4096,
+            len: 1 << 20,
+        },
+    };
+    for start in [0usize, tcp::HELLO_LEN] {
+        if let Some(rest) = data.get(start..) {
+            if let Ok(h) = tcp::WriteHeader::decode(rest, &granted) {
+                assert!(
+                    h.offset >= granted.offset && h.offset + h.len <= granted.offset + granted.len
+                );
+            }
+        }
+    }
+    #[cfg(feature = "verbs")]
+    verbs::fuzz_decode_endpoint(data);
 }

@@ -331,6 +331,18 @@ impl Endpoint {
     }
 }
 
+/// Decodes an endpoint from arbitrary bytes (fuzzing).
+pub(crate) fn fuzz_decode_endpoint(data: &[u8]) {
+    if let Some(bytes) = data.get(..ENDPOINT_LEN) {
+        let mut buf = [0u8; ENDPOINT_LEN];
+        buf.copy_from_slice(bytes);
+        if let Ok(e) = Endpoint::decode(&buf) {
+            assert!(e.remote.offset.checked_add(e.remote.len).is_some());
+            assert_eq!(Endpoint::decode(&e.encode()).ok(), Some(e));
+        }
+    }
+}
+
 fn random_psn() -> u32 {
     use std::hash::{BuildHasher, Hasher};
     (std::collections::hash_map::RandomState::new()
