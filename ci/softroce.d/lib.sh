@@ -22,11 +22,19 @@ as_root() {
     fi
 }
 
+# Runs an apt command with its output in $CACHE/apt.log, shown only when it fails.
+apt_logged() {
+    if ! as_root env DEBIAN_FRONTEND=noninteractive "$@" >>"$CACHE/apt.log" 2>&1; then
+        tail -n 40 "$CACHE/apt.log" >&2
+        die "failed: $* (whole output: $CACHE/apt.log)"
+    fi
+}
+
 APT_UPDATED=0
 apt_update_once() {
     if [[ "$APT_UPDATED" -eq 0 ]]; then
-        log "apt-get update"
-        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        log "[$(elapsed)] apt-get update"
+        apt_logged apt-get update
         APT_UPDATED=1
     fi
 }

@@ -17,7 +17,8 @@ Boots the Soft-RoCE guest, runs COMMAND ARGS in it and exits with COMMAND's exit
                   set NAME in COMMAND's environment (NAME alone: the host's value; repeatable)
 The guest exports CAPNP_RDMA_DEVICE, CAPNP_RDMA_GID_INDEX and CAPNP_RDMA_IP. Statuses of its own:
 $STATUS_TIMEOUT when the guest timed out, $STATUS_GUEST_FAILED when it reported no status (kernel panic, guest setup
-failure, qemu failure).
+failure, qemu failure). Environment: SOFTROCE_CACHE (the cache directory), SOFTROCE_KERNEL_ARGS
+(replaces "quiet" on the guest kernel's command line, e.g. "printk.time=1" to see its messages).
 EOF
 }
 

@@ -12,12 +12,12 @@ ensure_packages() {
     [[ ${#missing[@]} -eq 0 ]] && return 0
     log "[$(elapsed)] installing Debian packages: ${missing[*]}"
     apt_update_once
-    as_root env DEBIAN_FRONTEND=noninteractive \
-        apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+    apt_logged apt-get install -y --no-install-recommends "${missing[@]}"
 }
 
+# Whether apt can fetch version $2 of package $1 (apt-cache show exits 0 even when it cannot).
 apt_has_version() {
-    apt-cache show --no-all-versions "$1=$2" >/dev/null 2>&1
+    apt-cache madison "$1" 2>/dev/null | awk -F'|' '{ gsub(/ /, "", $2); print $2 }' | grep -qxF -- "$2"
 }
 
 # Downloads the guest kernel package into the cache (no install: nothing touches the host's /boot,
@@ -47,8 +47,7 @@ ensure_kernel() {
     fi
     rm -rf "$CACHE/kernel"
     mkdir -p "$CACHE/kernel"
-    (cd "$CACHE/kernel" && apt-get download -q -o APT::Sandbox::User=root "$pkg=$ver" >&2) ||
-        die "apt-get download $pkg=$ver failed"
+    (cd "$CACHE/kernel" && apt_logged apt-get download -o APT::Sandbox::User=root "$pkg=$ver")
     deb=$(cd "$CACHE/kernel" && ls -- "${pkg}"_*.deb)
     kv=${pkg#linux-image-} # build_base checks that boot/vmlinuz-$kv is there
     {
