@@ -126,6 +126,7 @@ put_modules() {
 build_base() {
     local work root kv=$KSTATE_KV pkg prog applet name dir
     log "[$(elapsed)] building the base initramfs"
+    rm -rf "$CACHE"/build.* # left by a build that was killed (we hold the lock)
     work=$(mktemp -d "$CACHE/build.XXXXXX")
     # shellcheck disable=SC2064 # expand now: $work is local
     trap "rm -rf '$work'" EXIT
