@@ -62,6 +62,31 @@ fn no_device_is_a_clear_error() {
     }
 }
 
+/// The device, port GID and index can be chosen by the IPv4 address the GID maps.
+#[test]
+#[ignore = "needs an RDMA device: ci/softroce runs it"]
+fn device_is_found_by_ip() {
+    let ip: std::net::Ipv4Addr = std::env::var("CAPNP_RDMA_IP")
+        .expect("CAPNP_RDMA_IP")
+        .parse()
+        .unwrap();
+    let by_ip = VerbsDevice::open(&VerbsOptions {
+        ip: Some(ip),
+        ..VerbsOptions::default()
+    })
+    .unwrap();
+    let by_env = VerbsDevice::open(&VerbsOptions::from_env()).unwrap();
+    assert_eq!(
+        (by_ip.name(), by_ip.gid_index()),
+        (by_env.name(), by_env.gid_index())
+    );
+    let none = VerbsDevice::open(&VerbsOptions {
+        ip: Some([192, 0, 2, 1].into()),
+        ..VerbsOptions::default()
+    });
+    assert!(matches!(none, Err(TransportError::NoDevice(_))), "{none:?}");
+}
+
 macro_rules! conformance_tests {
     ($($name:ident),* $(,)?) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

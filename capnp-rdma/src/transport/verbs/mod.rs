@@ -61,8 +61,12 @@ pub struct VerbsOptions {
     pub device: Option<String>,
     /// Port number (1-based).
     pub port: u8,
-    /// GID index; `None` = the first RoCE v2 IPv4-mapped GID among the first 16, else 0.
+    /// GID index; `None` = the GID of `ip` if given, else the first RoCE v2 IPv4-mapped GID
+    /// among the first 16, else 0.
     pub gid_index: Option<u32>,
+    /// Select the device, port GID and index by the IPv4 address the GID maps (RoCE v2):
+    /// the first device (or the named one) with a GID `::ffff:ip` on `port`.
+    pub ip: Option<std::net::Ipv4Addr>,
     /// Most writes in flight per connection (the target announces it).
     pub window: u32,
     /// Most empty polls before the poller arms the CQ and sleeps (adaptive below this).
@@ -75,6 +79,7 @@ impl Default for VerbsOptions {
             device: None,
             port: 1,
             gid_index: None,
+            ip: None,
             window: 16,
             max_spin: 256,
         }
@@ -82,7 +87,8 @@ impl Default for VerbsOptions {
 }
 
 impl VerbsOptions {
-    /// Defaults overridden by `CAPNP_RDMA_DEVICE`, `CAPNP_RDMA_PORT`, `CAPNP_RDMA_GID_INDEX`.
+    /// Defaults overridden by `CAPNP_RDMA_DEVICE`, `CAPNP_RDMA_PORT`, `CAPNP_RDMA_GID_INDEX`
+    /// and `CAPNP_RDMA_IP`.
     pub fn from_env() -> Self {
         let mut o = Self::default();
         if let Ok(d) = std::env::var("CAPNP_RDMA_DEVICE") {
@@ -93,6 +99,12 @@ impl VerbsOptions {
             .and_then(|p| p.parse().ok())
         {
             o.port = p;
+        }
+        if let Some(ip) = std::env::var("CAPNP_RDMA_IP")
+            .ok()
+            .and_then(|ip| ip.parse().ok())
+        {
+            o.ip = Some(ip);
         }
         if let Some(g) = std::env::var("CAPNP_RDMA_GID_INDEX")
             .ok()
@@ -147,34 +159,59 @@ impl VerbsDevice {
                  (e.g. rdma_rxe for Soft-RoCE) loaded?"
             ))
         })?;
-        let device = match &options.device {
-            Some(name) => list.iter().find(|d| d.name() == *name).ok_or_else(|| {
-                let names: Vec<String> = list.iter().map(|d| d.name()).collect();
-                TransportError::NoDevice(format!("no device named {name}; devices: {names:?}"))
-            })?,
-            None => list
-                .iter()
-                .next()
-                .ok_or_else(|| TransportError::NoDevice("the RDMA device list is empty".into()))?,
+        let mapped = |ip: std::net::Ipv4Addr| {
+            let mut raw = [0u8; 16];
+            raw[10] = 0xff;
+            raw[11] = 0xff;
+            raw[12..].copy_from_slice(&ip.octets());
+            raw
         };
-        let name = device.name();
-        let ctx = device.open().map_err(|e| device_err("open device", e))?;
+        let roce_v2_ipv4 = |g: &Gid| g.raw[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
+        let mut chosen = None;
+        let mut seen = Vec::new();
+        for device in list.iter() {
+            let name = device.name();
+            seen.push(name.clone());
+            if options.device.as_ref().is_some_and(|want| *want != name) {
+                continue;
+            }
+            let ctx = device.open().map_err(|e| device_err("open device", e))?;
+            let gid_index = match (options.gid_index, options.ip) {
+                (Some(i), _) => Some(i),
+                (None, Some(ip)) => (0..16u32).find(|&i| {
+                    ctx.query_gid(options.port, i)
+                        .is_ok_and(|g| g.raw == mapped(ip))
+                }),
+                (None, None) => Some(
+                    (0..16u32)
+                        .find(|&i| {
+                            ctx.query_gid(options.port, i)
+                                .is_ok_and(|g| roce_v2_ipv4(&g))
+                        })
+                        .unwrap_or(0),
+                ),
+            };
+            if let Some(gid_index) = gid_index {
+                chosen = Some((name, ctx, gid_index));
+                break;
+            }
+        }
+        let (name, ctx, gid_index) = chosen.ok_or_else(|| {
+            TransportError::NoDevice(match (&options.device, options.ip) {
+                (_, Some(ip)) => format!(
+                    "no device has a GID for {ip} on port {}; devices: {seen:?}",
+                    options.port
+                ),
+                (Some(name), None) => format!("no device named {name}; devices: {seen:?}"),
+                (None, None) => "the RDMA device list is empty".into(),
+            })
+        })?;
         let attr = ctx
             .query_device()
             .map_err(|e| device_err("query device", e))?;
         let port = ctx
             .query_port(options.port)
             .map_err(|e| device_err("query port", e))?;
-        let gid_index = match options.gid_index {
-            Some(i) => i,
-            None => (0..16u32)
-                .find(|&i| {
-                    ctx.query_gid(options.port, i)
-                        .map(|g| g.raw[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff])
-                        .unwrap_or(false)
-                })
-                .unwrap_or(0),
-        };
         let gid = ctx
             .query_gid(options.port, gid_index)
             .map_err(|e| device_err("query gid", e))?;
@@ -192,6 +229,11 @@ impl VerbsDevice {
                 gid_index,
             }),
         })
+    }
+
+    /// The GID index in use.
+    pub fn gid_index(&self) -> u32 {
+        self.inner.gid_index
     }
 
     /// The device's name.
