@@ -123,10 +123,15 @@ async fn frame_1080p_over_rdma() {
     let msg = conformance::frame(&local, 42, 1920, 1080, &Default::default());
     assert!(msg.entries().len() as u32 <= verbs.device.max_send_sge());
     let bytes = conformance::bytes_of(&msg);
-    w.post_write(msg, at, 42).map_err(|e| e.error).unwrap();
-    let done = conformance::drain(&mut w).await;
+    // The target waits first, with nothing in flight: its poller must spin, arm the CQ, and
+    // sleep on the completion channel until the write arrives 200 ms later.
+    let send = async {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        w.post_write(msg, at, 42).map_err(|e| e.error).unwrap();
+        conformance::drain(&mut w).await
+    };
+    let (done, got) = tokio::join!(send, conformance::wait_incoming(&mut t, 1));
     assert!(done[0].status.is_ok(), "{:?}", done[0].status);
-    let got = conformance::wait_incoming(&mut t, 1).await;
     assert_eq!(got[0].imm, 42);
     assert!(conformance::landed(&t, &got[0], at, bytes.len()) == bytes);
     // SAFETY: nothing writes the range while we read it.
@@ -135,9 +140,12 @@ async fn frame_1080p_over_rdma() {
     let view = FrameView::new(&reader).unwrap();
     assert_eq!(view.reader().get_sequence(), 42);
     assert_eq!(view.plane(2).unwrap().len(), 960 * 540);
+    let stats = t.poll_stats();
     println!(
-        "device {} max_send_sge {}",
+        "device {} max_send_sge {} writer {:?} target {stats:?}",
         verbs.device.name(),
-        verbs.device.max_send_sge()
+        verbs.device.max_send_sge(),
+        w.poll_stats()
     );
+    assert!(stats.sleeps >= 1 && stats.wakes >= 1, "{stats:?}");
 }
