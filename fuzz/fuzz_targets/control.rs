@@ -1,4 +1,4 @@
-//! Fuzzes the transports' control decoders: the tcp HELLO, WRITE header and ACK, and the verbs
+//! Fuzzes the transports' control decoders: the shm HELLO, the tcp HELLO, WRITE header and ACK, and the verbs
 //! endpoint exchange. Any panic is a bug.
 
 #![no_main]

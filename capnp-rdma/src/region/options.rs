@@ -10,9 +10,9 @@ pub enum HugePages {
     #[default]
     Off,
     /// Explicit 2 MiB huge pages (memfd only) if the system has them reserved, else ordinary
-    /// pages with transparent huge pages requested. [`Region::huge_pages`] tells which.
+    /// pages with transparent huge pages requested. [`Region::huge_pages`](super::Region::huge_pages) tells which.
     Prefer,
-    /// Explicit 2 MiB huge pages or a [`RegionError::HugePagesUnavailable`] error.
+    /// Explicit 2 MiB huge pages or a [`RegionError::HugePagesUnavailable`](super::RegionError::HugePagesUnavailable) error.
     Require,
 }
 
@@ -21,13 +21,13 @@ pub enum HugePages {
 #[non_exhaustive]
 pub enum Backing {
     /// An anonymous memfd: shared with other processes by passing its descriptor
-    /// ([`Region::fd`], e.g. over a Unix socket with SCM_RIGHTS, or by inheritance).
+    /// ([`Region::fd`](super::Region::fd), e.g. over a Unix socket with SCM_RIGHTS, or by inheritance).
     Memfd,
     /// A named POSIX shared memory object (`/dev/shm/NAME`), opened by name with
-    /// [`Region::open_shm`]. The creator unlinks the name when it drops the region unless
+    /// [`Region::open_shm`](super::Region::open_shm). The creator unlinks the name when it drops the region unless
     /// [`RegionOptions::keep_name`] is set.
     Shm(String),
-    /// A file, for persistence across restarts; reopened with [`Region::open_path`].
+    /// A file, for persistence across restarts; reopened with [`Region::open_path`](super::Region::open_path).
     File(PathBuf),
 }
 

@@ -329,9 +329,10 @@ pub trait Target {
 }
 
 /// Fuzz entry point: feeds `data` to every decoder of bytes a transport peer sends (the tcp
-/// HELLO, WRITE header and ACK; the verbs endpoint exchange). Must never panic.
+/// HELLO, WRITE header and ACK; the shm HELLO; the verbs endpoint exchange). Must never panic.
 #[doc(hidden)]
 pub fn fuzz_decode_control(data: &[u8]) {
+    let _ = shm::Hello::decode(data);
     let _ = tcp::Hello::decode(data);
     let _ = tcp::decode_ack(data);
     let granted = match tcp::Hello::decode(data) {
