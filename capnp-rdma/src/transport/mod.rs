@@ -32,6 +32,7 @@ pub mod shm;
 pub mod tcp;
 #[cfg(feature = "verbs")]
 pub mod verbs;
+mod wire;
 
 use crate::framing::{OutboundMessage, Sge};
 use crate::region::{BlockLease, Region};

@@ -13,6 +13,7 @@
 //! rejecting ACK and the connection is closed; a payload cut short by a disconnect is never
 //! announced. A write completes on the writer when its ACK arrives.
 
+use super::wire::{hello_prefix, put_hello_prefix, u32_at, u64_at};
 use super::{
     check_post, payload_slices, Completion, Incoming, Landed, Payload, RemoteRegion, SendError,
     Target, TransportError, Writer,
@@ -40,16 +41,6 @@ const STATUS_OK: u32 = 0;
 const STATUS_OUT_OF_RANGE: u32 = 1;
 const STATUS_MALFORMED: u32 = 2;
 
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    let mut v = [0u8; 8];
-    v.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(v)
-}
-
 /// The connection parameters a target announces.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Hello {
@@ -63,46 +54,13 @@ impl Hello {
     /// Encodes the HELLO message.
     pub fn encode(&self) -> [u8; HELLO_LEN] {
         let mut b = [0u8; HELLO_LEN];
-        b[0..4].copy_from_slice(&HELLO_MAGIC.to_le_bytes());
-        b[4..8].copy_from_slice(&VERSION.to_le_bytes());
-        b[8..16].copy_from_slice(&self.remote.region_id.to_le_bytes());
-        b[16..24].copy_from_slice(&self.remote.offset.to_le_bytes());
-        b[24..32].copy_from_slice(&self.remote.len.to_le_bytes());
-        b[32..36].copy_from_slice(&self.window.to_le_bytes());
+        put_hello_prefix(&mut b, HELLO_MAGIC, VERSION, &self.remote, self.window);
         b
     }
 
     /// Decodes and checks a HELLO from untrusted bytes.
     pub fn decode(b: &[u8]) -> Result<Self, TransportError> {
-        if b.len() < HELLO_LEN {
-            return Err(TransportError::Protocol(format!(
-                "hello of {} bytes",
-                b.len()
-            )));
-        }
-        if u32_at(b, 0) != HELLO_MAGIC {
-            return Err(TransportError::Protocol("not a capnp-rdma tcp peer".into()));
-        }
-        if u32_at(b, 4) != VERSION {
-            return Err(TransportError::Protocol(format!(
-                "protocol version {} (this build speaks {VERSION})",
-                u32_at(b, 4)
-            )));
-        }
-        let remote = RemoteRegion {
-            region_id: u64_at(b, 8),
-            rkey: 0,
-            base: 0,
-            offset: u64_at(b, 16),
-            len: u64_at(b, 24),
-        };
-        if remote.offset.checked_add(remote.len).is_none() {
-            return Err(TransportError::Protocol("granted range overflows".into()));
-        }
-        let window = u32_at(b, 32);
-        if window == 0 {
-            return Err(TransportError::Protocol("window of 0".into()));
-        }
+        let (remote, window) = hello_prefix(b, HELLO_LEN, HELLO_MAGIC, VERSION, "tcp")?;
         Ok(Self { remote, window })
     }
 }

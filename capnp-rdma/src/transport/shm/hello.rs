@@ -2,6 +2,7 @@
 
 use super::ring::MAX_CAPACITY;
 use crate::sys;
+use crate::transport::wire::{hello_prefix, put_hello_prefix, u32_at};
 use crate::transport::{RemoteRegion, TransportError};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use tokio::io::Interest;
@@ -13,16 +14,6 @@ const VERSION: u32 = 1;
 pub const HELLO_LEN: usize = 40;
 /// Descriptors sent with the HELLO: region memfd, ring memfd, eventfd.
 pub const HELLO_FDS: usize = 3;
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    let mut v = [0u8; 8];
-    v.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(v)
-}
 
 /// The connection parameters a target announces (the descriptors travel alongside).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,48 +30,15 @@ impl Hello {
     /// Encodes the HELLO message.
     pub fn encode(&self) -> [u8; HELLO_LEN] {
         let mut b = [0u8; HELLO_LEN];
-        b[0..4].copy_from_slice(&HELLO_MAGIC.to_le_bytes());
-        b[4..8].copy_from_slice(&VERSION.to_le_bytes());
-        b[8..16].copy_from_slice(&self.remote.region_id.to_le_bytes());
-        b[16..24].copy_from_slice(&self.remote.offset.to_le_bytes());
-        b[24..32].copy_from_slice(&self.remote.len.to_le_bytes());
-        b[32..36].copy_from_slice(&self.window.to_le_bytes());
+        put_hello_prefix(&mut b, HELLO_MAGIC, VERSION, &self.remote, self.window);
         b[36..40].copy_from_slice(&self.ring_capacity.to_le_bytes());
         b
     }
 
     /// Decodes and checks a HELLO from untrusted bytes.
     pub fn decode(b: &[u8]) -> Result<Self, TransportError> {
-        if b.len() >= 4 && u32_at(b, 0) != HELLO_MAGIC {
-            return Err(TransportError::Protocol("not a capnp-rdma shm peer".into()));
-        }
-        if b.len() < HELLO_LEN {
-            return Err(TransportError::Protocol(format!(
-                "hello of {} bytes",
-                b.len()
-            )));
-        }
-        if u32_at(b, 4) != VERSION {
-            return Err(TransportError::Protocol(format!(
-                "protocol version {} (this build speaks {VERSION})",
-                u32_at(b, 4)
-            )));
-        }
-        let remote = RemoteRegion {
-            region_id: u64_at(b, 8),
-            rkey: 0,
-            base: 0,
-            offset: u64_at(b, 16),
-            len: u64_at(b, 24),
-        };
-        if remote.offset.checked_add(remote.len).is_none() {
-            return Err(TransportError::Protocol("granted range overflows".into()));
-        }
-        let window = u32_at(b, 32);
+        let (remote, window) = hello_prefix(b, HELLO_LEN, HELLO_MAGIC, VERSION, "shm")?;
         let ring_capacity = u32_at(b, 36);
-        if window == 0 {
-            return Err(TransportError::Protocol("window of 0".into()));
-        }
         if !ring_capacity.is_power_of_two() || ring_capacity > MAX_CAPACITY {
             return Err(TransportError::Protocol(format!(
                 "ring capacity {ring_capacity} is not a power of two up to {MAX_CAPACITY}"
