@@ -1,8 +1,10 @@
 //! # capnp-rdma-benches
 //!
 //! The shared harness behind `frame-bench` and the criterion benches: per-iteration timing,
-//! order statistics, minor page faults from `getrusage`, heap allocations from a counting global
-//! allocator, and JSON output. Every figure a benchmark prints comes out of one [`measure`] call.
+//! order statistics, minor page faults and process CPU time from `getrusage`, heap allocations
+//! from a counting global allocator, and JSON output. Every figure `frame-bench roundtrip` prints
+//! comes out of one [`measure`] call; `frame-bench transport` streams frames instead and uses the
+//! statistics, counters and JSON.
 //!
 //! ```text
 //!  warm-up batches (every result fully checked, not timed)
@@ -114,6 +116,25 @@ pub fn minor_faults() -> u64 {
     // getrusage(RUSAGE_SELF, valid pointer) cannot fail (EFAULT/EINVAL only).
     assert_eq!(rc, 0, "getrusage(RUSAGE_SELF) failed");
     u64::try_from(usage.ru_minflt).unwrap_or(0)
+}
+
+/// CPU time (user + system) the whole process has used so far (`getrusage(RUSAGE_SELF)`:
+/// `ru_utime + ru_stime`).
+///
+/// Counts every thread, so when both ends of a connection run in this process the difference of
+/// two readings is what the pair cost together.
+pub fn process_cpu_time() -> Duration {
+    // SAFETY: `rusage` is plain old data for which all-zero bytes are a valid value.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `usage` is a valid, writable `rusage`; RUSAGE_SELF is always a valid target.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    // getrusage(RUSAGE_SELF, valid pointer) cannot fail (EFAULT/EINVAL only).
+    assert_eq!(rc, 0, "getrusage(RUSAGE_SELF) failed");
+    let timeval = |t: libc::timeval| {
+        Duration::from_secs(u64::try_from(t.tv_sec).unwrap_or(0))
+            + Duration::from_micros(u64::try_from(t.tv_usec).unwrap_or(0))
+    };
+    timeval(usage.ru_utime) + timeval(usage.ru_stime)
 }
 
 /// A snapshot (or a difference of two snapshots) of the process counters a benchmark reports.
@@ -456,6 +477,17 @@ mod tests {
             fail_at: Some(6),
         };
         assert_eq!(measure(&sampler, &mut failing).unwrap_err(), 6);
+    }
+
+    #[test]
+    fn process_cpu_time_advances_with_work() {
+        let before = process_cpu_time();
+        let start = Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < Duration::from_millis(30) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        }
+        assert!(process_cpu_time() > before);
     }
 
     #[test]

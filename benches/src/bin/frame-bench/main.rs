@@ -6,15 +6,20 @@
 //! frame-bench roundtrip [--json] [--frames 720p,1080p,4k] [--systems staging,capnp-heap,prost]
 //!                       [--variants pixels-ready,with-pixels] [--min-iters N]
 //!                       [--min-time-ms MS] [--batch N] [--quick] [--in-process]
+//! frame-bench transport [--json] [--frames 1080p,4k] [--systems raw-tcp,tcp,shm,verbs]
+//!                       [--window N] [--min-frames N] [--min-time-ms MS] [--warmup-frames N]
+//!                       [--quick] [--ib-write-bw 1080p=MB_S,4k=MB_S]
 //! ```
 //!
-//! Every round trip checks what it read back; a wrong byte makes the process exit non-zero.
+//! Every round trip checks what it read back, and every transported frame is checked where it
+//! landed; a wrong byte makes the process exit non-zero.
 
 use capnp_rdma_benches::CountingAlloc;
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 mod roundtrip;
+mod transport;
 
 #[global_allocator]
 static GLOBAL: CountingAlloc = CountingAlloc;
@@ -31,12 +36,16 @@ struct Cli {
 enum Command {
     /// Build, frame and read back one video frame per iteration, for each system.
     Roundtrip(roundtrip::Args),
+    /// Stream frames from a writer to a target in this process over each transport backend,
+    /// against a plain TCP socket pair.
+    Transport(transport::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Roundtrip(args) => roundtrip::run(&args),
+    let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
+        Command::Roundtrip(args) => roundtrip::run(&args).map_err(Into::into),
+        Command::Transport(args) => transport::run(&args).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
