@@ -22,6 +22,7 @@ use crate::framing::OutboundMessage;
 use crate::region::{BlockLease, Region};
 use std::collections::VecDeque;
 use std::io::IoSlice;
+use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
 use tokio::sync::mpsc;
@@ -140,7 +141,9 @@ impl Default for TcpOptions {
 /// The receiving end over TCP: owns the granted range of its region.
 #[derive(Debug)]
 pub struct TcpTarget {
-    lease: BlockLease,
+    /// Shared with the receiving task, which may still be inside a read into the granted range
+    /// when the target is dropped: the lease is released only when both are done with it.
+    lease: Arc<BlockLease>,
     granted: RemoteRegion,
     rx: mpsc::UnboundedReceiver<Result<Incoming, TransportError>>,
     done: bool,
@@ -149,7 +152,7 @@ pub struct TcpTarget {
 
 impl Drop for TcpTarget {
     fn drop(&mut self) {
-        // The task writes into the lease: stop it before the lease is released.
+        // Stop receiving; the task holds its own reference to the lease until it has stopped.
         self.task.abort();
     }
 }
@@ -193,10 +196,12 @@ impl TcpTarget {
             .await
             .map_err(TransportError::io("send hello"))?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let region = lease.region().clone();
+        let lease = Arc::new(lease);
+        let task_lease = Arc::clone(&lease);
         let task = tokio::spawn(async move {
-            let end = receive(&mut stream, &region, &granted, &tx).await;
+            let end = receive(&mut stream, task_lease.region(), &granted, &tx).await;
             let _ = tx.send(Err(end));
+            drop(task_lease);
         });
         Ok(Self {
             lease,
@@ -237,7 +242,7 @@ async fn receive(
             }
         };
         // SAFETY: the range was checked against the granted range, which lies inside the
-        // lease this target owns (the lease outlives the task: TcpTarget aborts it on drop).
+        // lease this task holds a reference to (so it stays allocated while we write).
         // Reading the range while a write to it is in progress is the application's protocol
         // violation, exactly as with an RDMA NIC writing into registered memory.
         let buf =
