@@ -235,6 +235,17 @@ fn open_device() -> Device {
 }
 
 /// Runs the subcommand.
+/// A TCP listener on a free loopback port, and its address (every system's set-up socket).
+async fn loopback_listener(
+) -> Result<(tokio::net::TcpListener, std::net::SocketAddr), TransportBenchError> {
+    let io = |what| move |source| TransportBenchError::Io { what, source };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(io("bind"))?;
+    let addr = listener.local_addr().map_err(io("local_addr"))?;
+    Ok((listener, addr))
+}
+
 pub(crate) fn run(args: &Args) -> Result<(), TransportBenchError> {
     let plan = plan(args);
     let window = args.window as usize;

@@ -18,7 +18,7 @@ use super::TransportBenchError;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> TransportBenchError {
     move |source| TransportBenchError::Io { what, source }
@@ -30,8 +30,7 @@ pub(super) async fn run(
     shared: Arc<Shared>,
     receipts: Receipts,
 ) -> Result<Measured, TransportBenchError> {
-    let listener = TcpListener::bind("127.0.0.1:0").await.map_err(io("bind"))?;
-    let addr = listener.local_addr().map_err(io("local_addr"))?;
+    let (listener, addr) = super::loopback_listener().await?;
     let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
     let client = client.map_err(io("connect"))?;
     let (server, _) = server.map_err(io("accept"))?;

@@ -6,7 +6,6 @@ use super::pump::{self, Measured};
 use super::{Case, TransportBenchError};
 use capnp_rdma::framing::OutboundMessage;
 use capnp_rdma::transport::tcp::{TcpOptions, TcpTarget, TcpWriter};
-use tokio::net::TcpListener;
 
 /// Runs one (tcp, frame) measurement.
 pub(super) async fn run(case: Case) -> Result<Measured, TransportBenchError> {
@@ -19,19 +18,7 @@ pub(super) async fn run(case: Case) -> Result<Measured, TransportBenchError> {
         receipts,
     } = case;
     let lease = target_region.lease(stride * shared.window() as u64)?;
-    let listener =
-        TcpListener::bind("127.0.0.1:0")
-            .await
-            .map_err(|source| TransportBenchError::Io {
-                what: "bind",
-                source,
-            })?;
-    let addr = listener
-        .local_addr()
-        .map_err(|source| TransportBenchError::Io {
-            what: "local_addr",
-            source,
-        })?;
+    let (listener, addr) = super::loopback_listener().await?;
     let options = TcpOptions {
         window: shared.window() as u32,
     };

@@ -11,7 +11,6 @@ use capnp_rdma::framing::OutboundMessage;
 use capnp_rdma::transport::verbs::{VerbsDevice, VerbsOptions, VerbsTarget, VerbsWriter};
 use capnp_rdma::transport::TransportError;
 use std::sync::Arc;
-use tokio::net::TcpListener;
 
 /// Opens the RDMA device the environment selects; the error says why there is none.
 pub(super) fn open() -> Result<VerbsDevice, String> {
@@ -46,19 +45,7 @@ pub(super) async fn run(device: &VerbsDevice, case: Case) -> Result<Measured, Tr
             .map_err(TransportBenchError::connect)?,
     );
     let lease = target_region.lease(stride * shared.window() as u64)?;
-    let listener =
-        TcpListener::bind("127.0.0.1:0")
-            .await
-            .map_err(|source| TransportBenchError::Io {
-                what: "bind",
-                source,
-            })?;
-    let addr = listener
-        .local_addr()
-        .map_err(|source| TransportBenchError::Io {
-            what: "local_addr",
-            source,
-        })?;
+    let (listener, addr) = super::loopback_listener().await?;
     let target_options = options.clone();
     let accept = tokio::spawn(async move {
         VerbsTarget::accept(&listener, &remote, lease, &target_options).await
