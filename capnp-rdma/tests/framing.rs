@@ -1,21 +1,18 @@
 //! The scatter-gather list of a message built with the StagingAllocator is byte-identical to
 //! `capnp::serialize::write_message`, respects max_sge and the copy threshold, and reads back.
 
+mod wire;
+
 use capnp_rdma::allocator::TABLE_PREFIX_BYTES;
 use capnp_rdma::frame::{FrameSpec, FrameView, FrameWriter, PixelFormat};
 use capnp_rdma::framing::{FramingError, FramingOptions, SgeList, SgeOverflow};
 use capnp_rdma::reader::{read_framed, ReadOptions};
 use capnp_rdma::{AllocatorOptions, Exhausted, Region, RegionOptions, StagingAllocator};
 use proptest::prelude::*;
+use wire::aligned;
 
 fn region(size: u64, block: u64) -> Region {
     Region::create(&RegionOptions::memfd(size).block_size(block)).unwrap()
-}
-
-fn aligned(bytes: &[u8]) -> Vec<capnp::Word> {
-    let mut words = capnp::Word::allocate_zeroed_vec(bytes.len().div_ceil(8));
-    capnp::Word::words_to_bytes_mut(&mut words)[..bytes.len()].copy_from_slice(bytes);
-    words
 }
 
 fn check_entries(region: &Region, sges: &SgeList<'_>, options: &FramingOptions) {

@@ -17,6 +17,8 @@
 //!
 //! Other files (inputs the fuzzer found interesting, crash reproducers) are only replayed.
 
+mod wire;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -26,74 +28,14 @@ use capnp_rdma::frame::{FrameSpec, FrameView, FrameWriter, PixelFormat};
 use capnp_rdma::frame_capnp::frame;
 use capnp_rdma::reader::{fuzz_read_framed, read_frame, read_framed, ReadOptions};
 use proptest::prelude::*;
+use wire::aligned;
 
 fn corpus_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/read_framed")
 }
 
-fn aligned(bytes: &[u8]) -> Vec<Word> {
-    let mut words = Word::allocate_zeroed_vec(bytes.len().div_ceil(8));
-    Word::words_to_bytes_mut(&mut words)[..bytes.len()].copy_from_slice(bytes);
-    words
-}
-
 // ---------------------------------------------------------------------------------------------
 // The seed generator.
-
-/// Hand-encoded wire pointers and framing.
-mod wire {
-    pub(crate) fn struct_ptr(offset: i32, data_words: u16, ptr_words: u16) -> u64 {
-        u64::from((offset as u32) << 2) | u64::from(data_words) << 32 | u64::from(ptr_words) << 48
-    }
-
-    /// `element_size`: 2 = byte, 6 = pointer, 7 = inline composite (`count` = word count).
-    pub(crate) fn list_ptr(offset: i32, element_size: u8, count: u32) -> u64 {
-        u64::from((offset as u32) << 2 | 1) | u64::from(element_size) << 32 | u64::from(count) << 35
-    }
-
-    /// The tag word of an inline composite list.
-    pub(crate) fn tag(elements: u32, data_words: u16, ptr_words: u16) -> u64 {
-        u64::from(elements << 2) | u64::from(data_words) << 32 | u64::from(ptr_words) << 48
-    }
-
-    pub(crate) fn far_ptr(double: bool, pad_word: u32, segment: u32) -> u64 {
-        u64::from(pad_word << 3 | u32::from(double) << 2 | 2) | u64::from(segment) << 32
-    }
-
-    pub(crate) fn table(count_field: u32, lengths: &[u32]) -> Vec<u8> {
-        let mut out = count_field.to_le_bytes().to_vec();
-        for length in lengths {
-            out.extend_from_slice(&length.to_le_bytes());
-        }
-        out.resize(out.len().div_ceil(8) * 8, 0);
-        out
-    }
-
-    pub(crate) fn frame(segments: &[Vec<u64>]) -> Vec<u8> {
-        let lengths: Vec<u32> = segments.iter().map(|s| s.len() as u32).collect();
-        let mut out = table(segments.len() as u32 - 1, &lengths);
-        for word in segments.iter().flatten() {
-            out.extend_from_slice(&word.to_le_bytes());
-        }
-        out
-    }
-
-    /// A `Frame` struct (6 data words, 2 pointers) with the given format, planes and metadata
-    /// pointers, as the words after a root pointer at word 0.
-    pub(crate) fn frame_root(format: u16, planes: u64, metadata: u64) -> Vec<u64> {
-        vec![
-            struct_ptr(0, 6, 2),
-            1,
-            2,
-            3,
-            0,
-            4 | 2 << 32,
-            u64::from(format),
-            planes,
-            metadata,
-        ]
-    }
-}
 
 fn write<A: capnp::message::Allocator>(message: &Builder<A>) -> Vec<u8> {
     let mut out = Vec::new();

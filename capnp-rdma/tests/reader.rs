@@ -2,6 +2,8 @@
 //! every rejection case on its own, the traversal and nesting limits, no heap allocation on the
 //! hot path, and a property test that mutated frames never panic.
 
+mod wire;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::hint::black_box;
@@ -16,6 +18,7 @@ use capnp_rdma::reader::{
     MAX_SEGMENT_WORDS,
 };
 use proptest::prelude::*;
+use wire::aligned;
 
 // ---------------------------------------------------------------------------------------------
 // Allocation counting (per thread, so parallel tests do not disturb each other).
@@ -67,13 +70,6 @@ static GLOBAL: CountingAllocator = CountingAllocator;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers.
-
-/// `bytes` copied into 8-byte aligned storage.
-fn aligned(bytes: &[u8]) -> Vec<Word> {
-    let mut words = Word::allocate_zeroed_vec(bytes.len().div_ceil(8));
-    Word::words_to_bytes_mut(&mut words)[..bytes.len()].copy_from_slice(bytes);
-    words
-}
 
 /// A built message in stream framing, written by capnp's own `write_message`.
 fn write<A: capnp::message::Allocator>(message: &Builder<A>) -> Vec<Word> {
@@ -136,42 +132,6 @@ fn check_frame<S: ReaderSegments>(message: &capnp::message::Reader<S>, spec: &Fr
             .iter()
             .enumerate()
             .all(|(i, &b)| b == (i as u32).wrapping_mul(31).wrapping_add(plane * 7) as u8));
-    }
-}
-
-/// Hand-encoded wire pointers, for messages capnp's builder would never produce.
-mod wire {
-    pub(crate) fn struct_ptr(offset: i32, data_words: u16, ptr_words: u16) -> u64 {
-        u64::from((offset as u32) << 2) | u64::from(data_words) << 32 | u64::from(ptr_words) << 48
-    }
-
-    /// `element_size`: 2 = byte, 7 = inline composite (then `count` is the word count).
-    pub(crate) fn list_ptr(offset: i32, element_size: u8, count: u32) -> u64 {
-        u64::from((offset as u32) << 2 | 1) | u64::from(element_size) << 32 | u64::from(count) << 35
-    }
-
-    pub(crate) fn far_ptr(double: bool, pad_word: u32, segment: u32) -> u64 {
-        u64::from(pad_word << 3 | u32::from(double) << 2 | 2) | u64::from(segment) << 32
-    }
-
-    /// A raw segment table with the given count field and lengths, padded.
-    pub(crate) fn table(count_field: u32, lengths: &[u32]) -> Vec<u8> {
-        let mut out = count_field.to_le_bytes().to_vec();
-        for length in lengths {
-            out.extend_from_slice(&length.to_le_bytes());
-        }
-        out.resize(out.len().div_ceil(8) * 8, 0);
-        out
-    }
-
-    /// Stream framing of the given segments of words.
-    pub(crate) fn frame(segments: &[Vec<u64>]) -> Vec<u8> {
-        let lengths: Vec<u32> = segments.iter().map(|s| s.len() as u32).collect();
-        let mut out = table(segments.len() as u32 - 1, &lengths);
-        for word in segments.iter().flatten() {
-            out.extend_from_slice(&word.to_le_bytes());
-        }
-        out
     }
 }
 
