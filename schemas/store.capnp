@@ -151,6 +151,8 @@ enum ErrorCode {
   shuttingDown @17;
   protocol @18;
   dataNotLanded @19;
+  # The store could not record the operation durably (persistence directory).
+  persistence @20;
 }
 
 struct Error {

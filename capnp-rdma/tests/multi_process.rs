@@ -162,6 +162,22 @@ fn child_entry() {
             std::thread::sleep(Duration::from_secs(120));
             unreachable!("should have been killed");
         }
+        "write-and-wait" => {
+            // Two leases (2 blocks and 1), filled with a pattern; the parent kills us and adopts
+            // the first.
+            let mut offsets = Vec::new();
+            for (blocks, seed) in [(2u64, 7u8), (1, 9)] {
+                let mut lease = region.lease(blocks * BLOCK).unwrap();
+                let bytes = lease.as_mut_slice();
+                let len = bytes.len();
+                bytes.copy_from_slice(&pattern(seed, len));
+                offsets.push(lease.offset());
+                std::mem::forget(lease); // held until we are killed
+            }
+            println!("LEASED {} {}", offsets[0], offsets[1]);
+            std::thread::sleep(Duration::from_secs(120));
+            unreachable!("should have been killed");
+        }
         other => panic!("unknown role {other}"),
     }
 }
@@ -176,6 +192,27 @@ fn wait_ready(child: &mut Child) -> u64 {
         }
     }
     panic!("child exited before READY");
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed))
+        .collect()
+}
+
+/// The words after `marker` on the first child output line that contains it.
+fn wait_for(child: &mut Child, marker: &str) -> Vec<u64> {
+    let stdout = child.stdout.take().unwrap();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        if let Some(at) = line.find(marker) {
+            return line[at + marker.len()..]
+                .split_whitespace()
+                .map(|w| w.parse().unwrap())
+                .collect();
+        }
+    }
+    panic!("child exited before {marker}");
 }
 
 fn kill9(child: &mut Child) {
@@ -271,5 +308,35 @@ fn region_left_by_killed_process_reopens_and_reclaims() {
     assert_eq!(region.stats().blocks_in_use, 0);
     assert_eq!(region.audit().orphaned_blocks(), 0);
     drop(region);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn allocation_of_killed_process_is_adopted_with_its_bytes() {
+    let dir = std::env::temp_dir().join(unique("adopt"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("region");
+    drop(Region::create(&RegionOptions::file(&path, 4 << 20).block_size(BLOCK)).unwrap());
+    let mut child = spawn("write-and-wait", path.to_str().unwrap());
+    let offsets = wait_for(&mut child, "LEASED ");
+    let pid = child.id();
+    kill9(&mut child);
+
+    let region = Region::open_path(&path, &OpenOptions::default()).unwrap();
+    assert_eq!(region.stats().blocks_in_use, 3);
+    let lease = region.adopt(offsets[0]).unwrap();
+    assert_eq!(lease.len(), 2 * BLOCK);
+    assert_eq!(lease.as_slice(), &pattern(7, 2 * BLOCK as usize)[..]);
+    // The other allocation is not adopted: reclaim frees it, and only it.
+    let report = region.reclaim_dead_owners().unwrap();
+    assert_eq!(report.dead_pids, vec![pid]);
+    assert_eq!((report.allocations, report.blocks), (1, 1));
+    assert_eq!(region.stats().blocks_in_use, 2);
+    assert!(matches!(
+        region.adopt(offsets[1]),
+        Err(capnp_rdma::RegionError::NoAllocation { .. })
+    ));
+    assert_eq!(region.audit().orphaned_blocks(), 0);
+    drop((lease, region));
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -5,7 +5,9 @@
 
 mod conformance;
 
+use capnp_rdma::frame::{FrameSpec, PixelFormat};
 use capnp_rdma::framing::{FramingOptions, OutboundMessage, Sge};
+use capnp_rdma::slot::SlotMessage;
 use capnp_rdma::transport::shm::ring::{
     ring_bytes, RingEntry, ENTRIES_OFFSET, ENTRY_BYTES, HEAD_OFFSET,
 };
@@ -713,7 +715,8 @@ enum Load {
     Small,
     /// A 1080p I420 frame message from the writer's region (copied).
     Frame1080,
-    /// A 1080p-sized message already at its destination in the target's region (not copied).
+    /// A 1080p frame built in place at its destination in the target's grant with a
+    /// `SlotMessage` (not copied).
     Frame1080InPlace,
 }
 
@@ -733,12 +736,7 @@ async fn latency(load: Load, spin_polls: u32, gap: Duration, n: usize) -> (f64, 
     let start = Instant::now();
     let posted: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
     let received = Arc::new(AtomicUsize::new(0));
-    let writer_region = match load {
-        Load::Frame1080InPlace => remote.clone(),
-        _ => local.clone(),
-    };
-    let (mut w, mut t) =
-        connect_pair::<Box<dyn LatencyPayload>>(&writer_region, lease, options).await;
+    let (mut w, mut t) = connect_pair::<Box<dyn LatencyPayload>>(&local, lease, options).await;
     let consumer = {
         let posted = Arc::clone(&posted);
         let received = Arc::clone(&received);
@@ -766,13 +764,15 @@ async fn latency(load: Load, spin_polls: u32, gap: Duration, n: usize) -> (f64, 
             1080,
             &FramingOptions::default(),
         )),
-        Load::Frame1080InPlace => Box::new(InPlace {
-            region: remote.clone(),
-            entry: [Sge {
-                offset: base,
-                len: 3_110_400 + 64,
-            }],
-        }),
+        Load::Frame1080InPlace => {
+            let spec = FrameSpec::new(PixelFormat::I420, 1920, 1080);
+            let len = SlotMessage::frame_capacity(&spec).unwrap();
+            // SAFETY: the start of a fresh grant: zeroed, written by this message only, and
+            // never written again while the target reads it.
+            let mut message = unsafe { SlotMessage::new(w.target_region(), base, len) }.unwrap();
+            message.init_frame(&spec).unwrap();
+            Box::new(message.into_payload().unwrap())
+        }
     };
     let mut done = Vec::new();
     for i in 0..n {

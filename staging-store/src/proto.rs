@@ -234,6 +234,8 @@ pub enum ErrorCode {
     Protocol,
     /// A tcp object's bytes have not all arrived.
     DataNotLanded,
+    /// The store could not record the operation durably.
+    Persistence,
 }
 
 impl ErrorCode {
@@ -260,6 +262,7 @@ impl ErrorCode {
             Self::ShuttingDown => S::ShuttingDown,
             Self::Protocol => S::Protocol,
             Self::DataNotLanded => S::DataNotLanded,
+            Self::Persistence => S::Persistence,
         }
     }
 
@@ -286,6 +289,7 @@ impl ErrorCode {
             S::ShuttingDown => Self::ShuttingDown,
             S::Protocol => Self::Protocol,
             S::DataNotLanded => Self::DataNotLanded,
+            S::Persistence => Self::Persistence,
         }
     }
 }

@@ -92,6 +92,55 @@ pub enum RegionError {
         /// End of the region.
         end: u64,
     },
+    /// [`Region::adopt`](super::Region::adopt): the offset is not the first byte of a block in
+    /// the data area.
+    #[error("offset {offset} is not the start of a block in the data area {data_offset}..{end} (blocks of {block_size} bytes)")]
+    NotABlockStart {
+        /// Requested offset.
+        offset: u64,
+        /// Start of the data area.
+        data_offset: u64,
+        /// End of the region.
+        end: u64,
+        /// Bytes per block.
+        block_size: u64,
+    },
+    /// [`Region::adopt`](super::Region::adopt): the allocation table records no allocation
+    /// starting at this offset (never allocated, freed, reclaimed, or inside a longer one).
+    #[error("no allocation starts at offset {offset}")]
+    NoAllocation {
+        /// Requested offset.
+        offset: u64,
+    },
+    /// [`Region::adopt`](super::Region::adopt): the allocation's owner is a live process (this
+    /// handle included); only allocations of dead processes or of slots released at a graceful
+    /// close can be adopted.
+    #[error("the allocation at offset {offset} belongs to owner slot {owner_slot}, held by live process {pid}")]
+    OwnerAlive {
+        /// Requested offset.
+        offset: u64,
+        /// The owner slot recorded for the allocation.
+        owner_slot: u16,
+        /// The live process holding that slot (0 while it is still registering).
+        pid: u32,
+    },
+    /// [`Region::adopt`](super::Region::adopt): another handle kept the owner's slot locked
+    /// (reclaiming or adopting) for too long; retry.
+    #[error("owner slot {owner_slot} of the allocation at offset {offset} is locked by another reclaimer or adopter")]
+    AdoptContended {
+        /// Requested offset.
+        offset: u64,
+        /// The owner slot recorded for the allocation.
+        owner_slot: u16,
+    },
+    /// The allocation table disagrees with the region (a damaged file).
+    #[error("corrupt allocation table at offset {offset}: {reason}")]
+    CorruptTable {
+        /// Offset of the allocation's first block.
+        offset: u64,
+        /// What is wrong.
+        reason: &'static str,
+    },
     /// The bitmap reported an inconsistency (double free or corruption).
     #[error("block bitmap: {0}")]
     Bitmap(#[from] BitmapError),

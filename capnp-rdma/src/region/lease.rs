@@ -1,6 +1,18 @@
-//! [`BlockLease`]: blocks held by this process, released (and scrubbed) on drop.
+//! [`BlockLease`]: blocks held by this process, released (and scrubbed) on drop, or
+//! [kept](BlockLease::keep) in the region for a later process to [adopt](Region::adopt).
 
 use super::Region;
+use std::mem::ManuallyDrop;
+
+/// Where a [kept](BlockLease::keep) allocation lies in its region: what a later process passes
+/// to [`Region::adopt`] (`offset`) to get it back as a lease of `len` bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct KeptAllocation {
+    /// Offset of the allocation's first byte within the region (block-aligned).
+    pub offset: u64,
+    /// Length in bytes (whole blocks).
+    pub len: u64,
+}
 
 /// Blocks of a region held by this process until dropped; zeroed when leased, scrubbed when
 /// released.
@@ -62,6 +74,35 @@ impl BlockLease {
                 self.len() as usize,
             )
         }
+    }
+
+    /// Ends the lease **without** freeing its blocks: the allocation stays recorded in the
+    /// region's allocation table, marked kept, under this handle's owner slot, and its bytes stay
+    /// as they are. Use it at a graceful shutdown for data that must outlive the process in a
+    /// file-backed region.
+    ///
+    /// While this handle's process is alive the allocation counts as held by it (no one can
+    /// [adopt](Region::adopt) or reclaim it). When the last clone of the handle is dropped with
+    /// only kept allocations left, its owner slot is released as *detached*, and another handle —
+    /// typically the next process, after [`Region::open_path`] — adopts the allocation by its
+    /// offset; [`Region::reclaim_dead_owners`] frees kept allocations nobody adopted. A process
+    /// that dies instead of closing leaves the same allocations adoptable, as a dead owner's.
+    ///
+    /// Nothing is written to disk here: the bytes reach the file through the page cache when the
+    /// kernel writes them back (surviving a process exit); call [`Region::sync_data`] to survive
+    /// a power failure as well.
+    pub fn keep(self) -> KeptAllocation {
+        let kept = KeptAllocation {
+            offset: self.offset(),
+            len: self.len(),
+        };
+        self.region.mark_kept(self.first, self.blocks);
+        let this = ManuallyDrop::new(self);
+        // SAFETY: `this` is never used or dropped again, so moving the region handle out of it
+        // duplicates nothing; dropping the moved-out handle releases its reference, while the
+        // lease's own `Drop` (which would free the blocks) never runs.
+        drop(unsafe { std::ptr::read(&this.region) });
+        kept
     }
 
     /// Declares that only the first `bytes` were written, so release zeroes only those.

@@ -12,6 +12,27 @@
 //! ones by a background scrubber thread, so the allocator can promise zeroed memory (Cap'n Proto's
 //! contract) without zeroing on the producer's critical path.
 //!
+//! **Across restarts** (file-backed regions): [`BlockLease::keep`] ends a lease without freeing
+//! its blocks, which stay recorded in the allocation table; after a graceful close (or a crash) the
+//! next process reopens the file with [`Region::open_path`], takes over each allocation it still
+//! wants with [`Region::adopt`] and frees the rest with [`Region::reclaim_dead_owners`].
+//!
+//! ```
+//! # let path = std::env::temp_dir().join(format!("capnp-rdma-doc-keep-{}", std::process::id()));
+//! use capnp_rdma::{OpenOptions, Region, RegionOptions};
+//!
+//! let region = Region::create(&RegionOptions::file(&path, 8 << 20).block_size(64 << 10)).unwrap();
+//! let mut lease = region.lease(100).unwrap();
+//! lease.as_mut_slice()[..5].copy_from_slice(b"frame");
+//! let kept = lease.keep(); // { offset, len }: remember it somewhere durable
+//! drop(region);            // graceful close: the blocks stay allocated in the file
+//!
+//! let region = Region::open_path(&path, &OpenOptions::default()).unwrap();
+//! let lease = region.adopt(kept.offset).unwrap();
+//! assert_eq!(&lease.as_slice()[..5], b"frame");
+//! region.reclaim_dead_owners().unwrap(); // frees whatever was kept but not adopted
+//! # drop((lease, region)); std::fs::remove_file(&path).unwrap();
+//! ```
 //! ```
 //! use capnp_rdma::{Region, RegionOptions};
 //!
@@ -32,7 +53,7 @@ mod owners;
 mod scrub;
 
 pub use error::RegionError;
-pub use lease::BlockLease;
+pub use lease::{BlockLease, KeptAllocation};
 pub use options::{Backing, HugePages, OpenOptions, RegionOptions};
 
 pub use layout::{Geometry, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
@@ -66,7 +87,7 @@ pub struct RegionStats {
     pub free_blocks: u64,
     /// `blocks_in_use * block_size`.
     pub bytes_in_use: u64,
-    /// Allocations (segments and leases) made by this process.
+    /// Allocations (segments, leases and adoptions) made by this process.
     pub allocations: u64,
     /// Segments that fell back to the heap because the region was exhausted.
     pub fallbacks: u64,
@@ -233,6 +254,13 @@ impl Core {
     /// bits and wakes any allocation waiting for space.
     pub(crate) fn free_zeroed(&self, block: u64, blocks: u64) -> Result<(), RegionError> {
         self.table()[block as usize].store(0, Ordering::Release);
+        self.free_claimed(block, blocks)
+    }
+
+    /// Frees zeroed blocks whose table entry the caller has already cleared (a reclaimer, which
+    /// clears it with a CAS to claim the allocation): clears the bits and wakes any allocation
+    /// waiting for space.
+    pub(crate) fn free_claimed(&self, block: u64, blocks: u64) -> Result<(), RegionError> {
         self.bitmap().free(block, blocks)?;
         self.free_epoch().fetch_add(1, Ordering::Release);
         if self.waiters().load(Ordering::SeqCst) != 0 {
@@ -724,11 +752,85 @@ impl Region {
         self.inner.scrubber.quiesce();
     }
 
-    /// Frees every allocation held by owners whose process has died (checked by pid and
-    /// process start time, so a reused pid is not mistaken for the original owner). The dead
-    /// owners' blocks are zeroed before they are freed.
+    /// Frees every allocation held by owners that are not alive: processes that have died
+    /// (checked by pid and process start time, so a reused pid is not mistaken for the original
+    /// owner), owner slots released at a graceful close with [kept](BlockLease::keep) allocations,
+    /// and entries naming no claimed slot. Their blocks are zeroed before they are freed.
+    ///
+    /// Kept allocations are freed too: a process that restarts on a file-backed region
+    /// [adopts](Region::adopt) what it wants first, then calls this. Whoever else calls it on such a
+    /// region (a supervisor) destroys kept allocations nobody has adopted yet.
     pub fn reclaim_dead_owners(&self) -> Result<ReclaimReport, RegionError> {
-        owners::reclaim_dead(&self.inner.core, self.inner.owner)
+        owners::reclaim(&self.inner.core, self.inner.owner, owners::Scope::NotAlive)
+    }
+
+    /// Takes over the allocation whose first block is at `offset` (as [`KeptAllocation::offset`]
+    /// or [`BlockLease::offset`] reported it) from an owner that is not alive: a process that has
+    /// died, or an owner slot released at a graceful close with [kept](BlockLease::keep)
+    /// allocations. The allocation moves to this handle's owner slot atomically, so a concurrent
+    /// [`reclaim_dead_owners`](Region::reclaim_dead_owners) in any process either frees it before
+    /// or leaves it alone after, and it is never adopted twice. The returned lease covers exactly
+    /// the allocation's blocks; their bytes are left as they are (and zeroed when the lease is
+    /// released, all of them: the whole length counts as dirty).
+    ///
+    /// # Errors
+    /// - [`RegionError::NotABlockStart`]: `offset` is not the first byte of a block in the data
+    ///   area;
+    /// - [`RegionError::NoAllocation`]: no allocation starts there;
+    /// - [`RegionError::OwnerAlive`]: its owner is a live process (this one included);
+    /// - [`RegionError::AdoptContended`]: another handle kept the owner slot locked for a second;
+    /// - [`RegionError::CorruptTable`]: the table entry runs past the data area or covers blocks
+    ///   the bitmap marks free.
+    pub fn adopt(&self, offset: u64) -> Result<BlockLease, RegionError> {
+        let core = &self.inner.core;
+        let geo = &core.geo;
+        let block = offset
+            .checked_sub(geo.data_offset)
+            .filter(|rel| rel % geo.block_size == 0 && rel / geo.block_size < geo.block_count)
+            .map(|rel| rel / geo.block_size)
+            .ok_or(RegionError::NotABlockStart {
+                offset,
+                data_offset: geo.data_offset,
+                end: geo.region_bytes,
+                block_size: geo.block_size,
+            })?;
+        let blocks = owners::adopt(core, self.inner.owner, block).map_err(|e| match e {
+            owners::AdoptError::NoAllocation => RegionError::NoAllocation { offset },
+            owners::AdoptError::Corrupt(reason) => RegionError::CorruptTable { offset, reason },
+            owners::AdoptError::Alive(owner_slot, pid) => RegionError::OwnerAlive {
+                offset,
+                owner_slot,
+                pid,
+            },
+            owners::AdoptError::Busy(owner_slot) => {
+                RegionError::AdoptContended { offset, owner_slot }
+            }
+        })?;
+        self.inner
+            .counters
+            .allocations
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(BlockLease {
+            region: self.clone(),
+            first: block,
+            blocks,
+            dirty: blocks * geo.block_size,
+        })
+    }
+
+    /// Writes the region's modified pages back to its file and waits for the device
+    /// (`fdatasync`): kept allocations then survive a power failure, not only a process exit.
+    /// Flushes every dirty page of the region, not one allocation's. A no-op in effect for memfd
+    /// and shm regions.
+    pub fn sync_data(&self) -> Result<(), RegionError> {
+        self.inner
+            .file
+            .sync_data()
+            .map_err(io_err("fdatasync region file"))
+    }
+
+    pub(crate) fn mark_kept(&self, first: u64, blocks: u64) {
+        owners::mark_kept(&self.inner.core, self.inner.owner, first, blocks);
     }
 
     /// Number of live allocations per owner slot and blocks the bitmap marks used that no

@@ -26,7 +26,8 @@
 //!   batches.
 //!
 //! Backends: [`tcp`] (any host) and [`shm`] (same host: the writer copies straight into the
-//! target's shared region and notifies it through a lock-free ring).
+//! target's shared region and notifies it through a lock-free ring; a message built in place
+//! there with a [`SlotMessage`](crate::slot::SlotMessage) is not copied at all).
 
 pub mod shm;
 pub mod tcp;
@@ -212,8 +213,9 @@ pub(crate) fn payload_slices<P: Payload>(payload: &P) -> impl Iterator<Item = &[
     })
 }
 
-/// Every check a write passes before it is posted: the payload lies in the writer's region,
-/// its destination in the granted range, and the window has room (`(in_flight, window)`).
+/// Every check a write passes before it is posted: the payload lies in the writer's region
+/// (`local`), its destination in the granted range, and the window has room
+/// (`(in_flight, window)`).
 pub(crate) fn check_post<P: Payload>(
     payload: &P,
     local: &Region,
@@ -229,7 +231,8 @@ pub(crate) fn check_post<P: Payload>(
     Ok(())
 }
 
-/// Checks that a payload's entries lie inside the writer's region.
+/// Checks that a payload's entries lie inside the writer's region (`local`: the shm writer
+/// passes the target's region instead for a payload built there).
 pub(crate) fn check_payload<P: Payload>(payload: &P, local: &Region) -> Result<(), TransportError> {
     if payload.region().id() != local.id() {
         return Err(TransportError::ForeignPayload("region id differs"));

@@ -6,6 +6,10 @@
 //! it has gone to sleep. A Unix socket sets the connection up and then only tells each side
 //! when the other is gone.
 //!
+//! A producer that builds its message in the grant itself, where it is to land (a
+//! [`SlotMessage`](crate::slot::SlotMessage) in a slot of [`ShmWriter::target_region`]), is
+//! not copied at all: the write is the ring notification (see *In place* below).
+//!
 //! ```text
 //!  setup (Unix socket)
 //!  target                                                              writer
@@ -18,6 +22,7 @@
 //!  writer process                                    target process (maps the same pages)
 //!  post_write ─ check_post (region, grant, window)
 //!             ─ memcpy each entry ─────────────────▶ region[off .. off+len]
+//!               (none for an entry already there: built in place)
 //!             ─ push (imm, off, len, seq), release ▶ ring ──▶ incoming(): acquire head,
 //!             ─ eventfd write, only if the target          check seq and range, announce
 //!               has set consumer_sleeping ─────────▶ wakes it
@@ -27,14 +32,92 @@
 //!
 //! The ring's layout is drawn in [`ring`].
 //!
+//! ## In place
+//! ```text
+//!  writer process: ShmWriter::target_region() = its own mapping of the target's region
+//!  ┌ grant (granted range of the target's region) ──────────────────────────────────────────┐
+//!  │ slot 0: [table | segment 0: root, header, Y, U, V]  slot 1: [ ... ]  ...                │
+//!  └──▲───────────────────────────────────────────────────────────────────────────────────┘
+//!     │ SlotMessage::new(target_region, slot, len); init_frame; plane_mut ◀─ pixels
+//!     │ into_payload(): one entry (slot, framed len): standard stream framing, contiguous
+//!  post_write(payload, slot, imm): entry already at its destination → nothing copied;
+//!     push (imm, slot, len, seq) ─▶ ring ─▶ target: incoming(), read_frame(slot bytes)
+//! ```
+//! - The writer takes payloads from its own region or from the target's
+//!   ([`ShmWriter::target_region`]; the other backends take only their own). An entry of the
+//!   target's region that already sits at its destination is not copied
+//!   ([`WriterStats::zero_copy_writes`], [`WriterStats::bytes_copied`]); one elsewhere in that
+//!   region is moved with one `memmove`.
+//! - [`SlotMessage`](crate::slot::SlotMessage) builds a message contiguously in a slot:
+//!   the 8-byte one-segment table, then segment 0 holding the whole message, so the framed
+//!   message is one entry. [`frame_capacity`](crate::slot::SlotMessage::frame_capacity) sizes
+//!   a slot for a frame exactly; a message that outgrows its slot is an
+//!   [`Overflow`](crate::slot::SlotError::Overflow) at `finish`, never a copy.
+//! - Who writes the slot when: the producer builds the message, then posts it; the target
+//!   reads the slot once the write is announced; the producer must not build in that slot
+//!   again until the target is done with it (the application's protocol: credits, acks), and
+//!   the slot must be zero again before the next message is built there (capnp's contract;
+//!   whoever recycles it zeroes it).
+//! - Measured with `frame-bench transport` (systems `shm` and `shm-copy`): the hand-off costs
+//!   the same for any frame size, where copying costs a frame-sized `memcpy`.
+//!
+//! ```
+//! use capnp_rdma::frame::{FrameSpec, FrameView, PixelFormat};
+//! use capnp_rdma::reader::{read_frame, ReadOptions};
+//! use capnp_rdma::slot::{SlotMessage, SlotPayload};
+//! use capnp_rdma::transport::shm::{ShmOptions, ShmTarget, ShmWriter};
+//! use capnp_rdma::transport::{Target, Writer};
+//! use capnp_rdma::{Region, RegionOptions};
+//!
+//! # let runtime = tokio::runtime::Builder::new_multi_thread()
+//! #     .worker_threads(2)
+//! #     .enable_all()
+//! #     .build()
+//! #     .unwrap();
+//! # runtime.block_on(async {
+//! # let dir = std::env::temp_dir().join(format!("capnp-rdma-shm-slot-{}", std::process::id()));
+//! # std::fs::create_dir_all(&dir).unwrap();
+//! # let path = dir.join("target.sock");
+//! let spec = FrameSpec::new(PixelFormat::I420, 1280, 720);
+//! let slot_len = SlotMessage::frame_capacity(&spec).unwrap();
+//! let target_region = Region::create(&RegionOptions::memfd(16 << 20)).unwrap();
+//! let grant = target_region.lease(slot_len).unwrap(); // one slot
+//! let listener = tokio::net::UnixListener::bind(&path).unwrap();
+//! let accept = tokio::spawn(async move {
+//!     ShmTarget::accept(&listener, grant, &ShmOptions::default()).await
+//! });
+//! let local = Region::create(&RegionOptions::memfd(4 << 20)).unwrap();
+//! let mut writer = ShmWriter::<SlotPayload>::connect(&path, &local).await.unwrap();
+//! let mut target = accept.await.unwrap().unwrap();
+//!
+//! // Build the frame where the target will read it.
+//! let slot = writer.remote().offset;
+//! // SAFETY: the grant is fresh (zeroed), only this message writes the slot, and the target
+//! // reads it only once the write is announced.
+//! let mut message = unsafe { SlotMessage::new(writer.target_region(), slot, slot_len) }.unwrap();
+//! message.init_frame(&spec).unwrap().plane_mut(0).unwrap().fill(16);
+//! let payload = message.into_payload().unwrap();
+//! writer.post_write(payload, slot, 1).map_err(|e| e.error).unwrap();
+//! assert_eq!((writer.stats().zero_copy_writes, writer.stats().bytes_copied), (1, 0));
+//!
+//! let mut landed = Vec::new();
+//! target.incoming(&mut landed).await.unwrap();
+//! let at = landed[0].at.unwrap();
+//! // SAFETY: the writer does not write the slot again.
+//! let bytes = unsafe { target.region().bytes(at.offset, at.len) }.unwrap();
+//! let (frame, _) = read_frame(bytes, &ReadOptions::default()).unwrap();
+//! assert_eq!(FrameView::new(&frame).unwrap().plane(0).unwrap()[0], 16);
+//! # std::fs::remove_dir_all(&dir).unwrap();
+//! # });
+//! ```
+//!
 //! ## Semantics
-//! - **A write** passes [`check_post`](super) on the writer (payload in the writer's region,
-//!   destination in the grant, window), then its entries are copied back to back to
-//!   `remote_offset`, one `memcpy` each, and its notification is pushed with release ordering.
+//! - **A write** passes [`check_post`](super) on the writer (payload in the writer's region
+//!   or the target's, destination in the grant, window), then its entries are copied back to
+//!   back to `remote_offset`, one `memcpy` each (none for an entry already at its
+//!   destination, see *In place*), and its notification is pushed with release ordering.
 //!   The target announces an entry only after reading it with acquire ordering, so nothing
-//!   half-written is ever announced. An entry whose bytes already sit in the target's region
-//!   at their destination (the producer allocated in the shared region, see
-//!   [`ShmWriter::target_region`]) is not copied at all ([`WriterStats::zero_copy_writes`]).
+//!   half-written is ever announced.
 //! - **Completions.** A write is finished when `post_write` returns: its bytes are in place and
 //!   the target notified. [`completions`](super::Writer::completions) therefore never waits;
 //!   it hands the payloads back in order. The window counts both uncollected completions and

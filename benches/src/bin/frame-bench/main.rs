@@ -6,9 +6,12 @@
 //! frame-bench roundtrip [--json] [--frames 720p,1080p,4k] [--systems staging,capnp-heap,prost]
 //!                       [--variants pixels-ready,with-pixels] [--min-iters N]
 //!                       [--min-time-ms MS] [--batch N] [--quick] [--in-process]
-//! frame-bench transport [--json] [--frames 1080p,4k] [--systems raw-tcp,tcp,shm,verbs]
+//! frame-bench transport [--json] [--frames 1080p,4k] [--systems raw-tcp,tcp,shm,shm-copy,verbs]
 //!                       [--window N] [--min-frames N] [--min-time-ms MS] [--warmup-frames N]
 //!                       [--quick] [--ib-write-bw 1080p=MB_S,4k=MB_S]
+//! frame-bench store     [--json] [--frames 1080p,4k] [--systems control,store-shm,store-tcp,redis]
+//!                       [--in-flight N] [--min-frames N] [--min-time-ms MS] [--warmup-frames N]
+//!                       [--quick]
 //! ```
 //!
 //! Every round trip checks what it read back, and every transported frame is checked where it
@@ -19,6 +22,7 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 mod roundtrip;
+mod store;
 mod transport;
 
 #[global_allocator]
@@ -39,6 +43,9 @@ enum Command {
     /// Stream frames from a writer to a target in this process over each transport backend,
     /// against a plain TCP socket pair.
     Transport(transport::Args),
+    /// Carry frames producer → store → consumer through the staging store (shm, tcp) and
+    /// through Redis, measured in the same run.
+    Store(store::Args),
 }
 
 fn main() -> ExitCode {
@@ -46,6 +53,7 @@ fn main() -> ExitCode {
     let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
         Command::Roundtrip(args) => roundtrip::run(&args).map_err(Into::into),
         Command::Transport(args) => transport::run(&args).map_err(Into::into),
+        Command::Store(args) => store::run(&args).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,5 +1,5 @@
-//! The writing end: copies into the mapped target region, pushes to the ring, wakes the target
-//! only when it sleeps.
+//! The writing end: copies into the mapped target region (or nothing, for a payload already at
+//! its destination there), pushes to the ring, wakes the target only when it sleeps.
 
 use super::hello::{recv_hello, Hello, HELLO_FDS};
 use super::ring::{Ring, RingEntry};
@@ -67,7 +67,8 @@ impl<P: Payload> std::fmt::Debug for ShmWriter<P> {
 
 impl<P: Payload> ShmWriter<P> {
     /// Connects to the target listening at `path`, maps its region and ring, and learns the
-    /// range it grants. Payloads must come from `local`.
+    /// range it grants. Payloads come from `local`, or from the target's region itself
+    /// ([`ShmWriter::target_region`]).
     pub async fn connect(path: impl AsRef<Path>, local: &Region) -> Result<Self, TransportError> {
         let stream = UnixStream::connect(path)
             .await
@@ -118,7 +119,10 @@ impl<P: Payload> ShmWriter<P> {
     }
 
     /// This process's handle on the target's region. A producer that builds its messages here
-    /// (and sends an entry to the offset it already occupies) is not copied at all.
+    /// (and sends an entry to the offset it already occupies) is not copied at all: build with
+    /// a [`SlotMessage`](crate::slot::SlotMessage) in a slot of the grant, post its
+    /// [`SlotPayload`](crate::slot::SlotPayload) to the slot's offset. Payloads may come from
+    /// this region as well as from the writer's own.
     pub fn target_region(&self) -> &Region {
         &self.target
     }
@@ -284,7 +288,14 @@ impl<P: Payload> Writer for ShmWriter<P> {
             Err(error) => return Err(SendError { payload, error }),
         };
         let credit = (self.pending.len().max(used), self.window);
-        if let Err(error) = check_post(&payload, &self.local, &self.remote, remote_offset, credit) {
+        // A payload built in the target's region (a `SlotMessage` in a slot of the grant, say)
+        // is checked against that region: its entries are in place, or moved within it.
+        let home = if payload.region().id() == self.target.id() {
+            &self.target
+        } else {
+            &self.local
+        };
+        if let Err(error) = check_post(&payload, home, &self.remote, remote_offset, credit) {
             // A target that is gone never frees its slots: ask the socket itself before
             // reporting a full window.
             let error = match error {

@@ -10,12 +10,23 @@
 //! compares the first and last byte of every entry (table + header segment, Y, U, V) at their
 //! place in the landed slot — eight loads per frame — and, on checked frames (warm-up, or every
 //! frame with `--quick`), a hash of every landed byte.
+//!
+//! The `shm` system's frames ([`InPlaceSet`]) are built the same way (same pixels, same
+//! markers), once per slot, untimed, but in place: each in its slot of the target's grant, as
+//! one contiguous [`SlotMessage`], so write `seq` carries message `seq % window` — the one
+//! already in slot `seq % window`. The receiver checks the same eight bytes (table + header,
+//! Y, U, V) and the same hash, computed before the message was finished from
+//! `capnp::serialize::write_message` of its builder, so a framing table that did not match
+//! the standard framing would fail the warm-up check. A frame handed over without being built
+//! in its slot (a copy, a wrong slot) is caught by the writer's counters and the landing
+//! place instead: the slot's content does not change between writes.
 
 use super::TransportBenchError;
 use crate::roundtrip::FrameSize;
 use capnp::message::Builder;
 use capnp_rdma::frame::{FrameSpec, FrameWriter, PixelFormat};
 use capnp_rdma::framing::{FramingOptions, OutboundMessage};
+use capnp_rdma::slot::{SlotMessage, SlotPayload};
 use capnp_rdma::{Region, StagingAllocator};
 
 /// The message a write carries and what the receiver must find where it lands.
@@ -107,6 +118,52 @@ pub(super) fn hash(bytes: &[u8]) -> u64 {
     acc
 }
 
+/// One pattern per plane of an I420 frame of `size`, copied into every message (a memcpy, not
+/// a byte loop).
+fn patterns(size: FrameSize) -> Result<Vec<Vec<u8>>, TransportBenchError> {
+    let (width, height) = size.dimensions();
+    let layouts = capnp_rdma::frame::plane_layouts(PixelFormat::I420, width, height)?;
+    Ok(layouts
+        .iter()
+        .enumerate()
+        .map(|(p, layout)| {
+            (0..layout.bytes())
+                .map(|i| (i.wrapping_mul(31) ^ (i >> 11) ^ (p * 85)) as u8)
+                .collect()
+        })
+        .collect())
+}
+
+/// The header of message `index` of `size`.
+fn spec(size: FrameSize, index: usize) -> FrameSpec {
+    let (width, height) = size.dimensions();
+    let mut spec = FrameSpec::new(PixelFormat::I420, width, height);
+    spec.sequence = index as u64;
+    spec.stream_id = 7;
+    spec
+}
+
+/// Writes the pixels of message `index`: the patterns, and its markers at both ends of every
+/// plane.
+fn paint(
+    writer: &mut FrameWriter<'_>,
+    index: usize,
+    patterns: &[Vec<u8>],
+) -> Result<(), TransportBenchError> {
+    for (p, pattern) in (0..writer.plane_count()).zip(patterns) {
+        let plane = writer.plane_mut(p)?;
+        plane.copy_from_slice(pattern);
+        let p = p as usize;
+        if let Some(first) = plane.first_mut() {
+            *first = marker(index, p, false);
+        }
+        if let Some(last) = plane.last_mut() {
+            *last = marker(index, p, true);
+        }
+    }
+    Ok(())
+}
+
 impl FrameSet {
     /// Builds `count` frame messages of `size` in `region`, pixels written.
     pub(super) fn build(
@@ -114,39 +171,15 @@ impl FrameSet {
         count: usize,
         region: &Region,
     ) -> Result<Self, TransportBenchError> {
-        let (width, height) = size.dimensions();
-        let layouts = capnp_rdma::frame::plane_layouts(PixelFormat::I420, width, height)?;
-        // One pattern per plane, copied into every message (a memcpy, not a byte loop).
-        let patterns: Vec<Vec<u8>> = layouts
-            .iter()
-            .enumerate()
-            .map(|(p, layout)| {
-                (0..layout.bytes())
-                    .map(|i| (i.wrapping_mul(31) ^ (i >> 11) ^ (p * 85)) as u8)
-                    .collect()
-            })
-            .collect();
+        let patterns = patterns(size)?;
         let frame_bytes = patterns.iter().map(Vec::len).sum();
         let mut messages = Vec::with_capacity(count);
         let mut shapes = Vec::with_capacity(count);
         let mut wire = Vec::new();
         for index in 0..count {
             let mut message = Builder::new(StagingAllocator::new(region));
-            let mut spec = FrameSpec::new(PixelFormat::I420, width, height);
-            spec.sequence = index as u64;
-            spec.stream_id = 7;
-            let mut writer = FrameWriter::init(&mut message, &spec)?;
-            for (p, pattern) in (0..writer.plane_count()).zip(&patterns) {
-                let plane = writer.plane_mut(p)?;
-                plane.copy_from_slice(pattern);
-                let p = p as usize;
-                if let Some(first) = plane.first_mut() {
-                    *first = marker(index, p, false);
-                }
-                if let Some(last) = plane.last_mut() {
-                    *last = marker(index, p, true);
-                }
-            }
+            let mut writer = FrameWriter::init(&mut message, &spec(size, index))?;
+            paint(&mut writer, index, &patterns)?;
             let message = OutboundMessage::new(region, message, &FramingOptions::default())
                 .map_err(|(e, _)| e)?;
             wire.clear();
@@ -195,6 +228,94 @@ impl FrameSet {
     }
 }
 
+/// The `shm` system's frames: one per slot of the target's grant, built there in place.
+pub(super) struct InPlaceSet {
+    /// Payload `i` is the message in slot `i` (at `base + i * stride`).
+    pub(super) payloads: Vec<SlotPayload>,
+    pub(super) expect: Expect,
+}
+
+impl InPlaceSet {
+    /// The bytes a slot needs for a frame of `size`.
+    pub(super) fn capacity(size: FrameSize) -> Result<u64, TransportBenchError> {
+        Ok(SlotMessage::frame_capacity(&spec(size, 0))?)
+    }
+
+    /// Builds one frame message of `size` in each of `slots` slots of `region` (the writer's
+    /// handle on the target's region), slot `i` at `base + i * stride`, pixels written.
+    ///
+    /// # Safety
+    /// The slots lie in a grant the target holds for as long as the payloads live, are zeroed,
+    /// and nobody else writes them; the target reads a slot only once a write to it has been
+    /// announced.
+    pub(super) unsafe fn build(
+        size: FrameSize,
+        region: &Region,
+        base: u64,
+        stride: u64,
+        slots: usize,
+    ) -> Result<Self, TransportBenchError> {
+        let patterns = patterns(size)?;
+        let capacity = Self::capacity(size)?;
+        if capacity > stride {
+            return Err(TransportBenchError::Setup("a frame does not fit its slot"));
+        }
+        let mut payloads = Vec::with_capacity(slots);
+        let mut shapes = Vec::with_capacity(slots);
+        for index in 0..slots {
+            let offset = base + index as u64 * stride;
+            // SAFETY: the caller's contract: the slot is zeroed and only this message writes
+            // it, until it is finished and for as long as its payload lives.
+            let mut message = unsafe { SlotMessage::new(region, offset, capacity) }?;
+            // Where each piece (table + header, Y, U, V) starts in the framed message.
+            let mut starts = Vec::with_capacity(4);
+            {
+                let slot = region.as_ptr() as usize + offset as usize;
+                let mut writer = message.init_frame(&spec(size, index))?;
+                paint(&mut writer, index, &patterns)?;
+                starts.push(0);
+                for p in 0..writer.plane_count() {
+                    starts.push(writer.plane_mut(p)?.as_ptr() as usize - slot);
+                }
+            }
+            if message.spilled_segments() != 0 {
+                return Err(TransportBenchError::Setup("a frame outgrew its slot"));
+            }
+            // What `capnp::serialize` writes for this message: the slot must hold exactly it.
+            let wire = capnp::serialize::write_message_to_words(message.builder());
+            let payload = message.into_payload()?;
+            let framed = payload.framed();
+            // SAFETY: nothing writes the slot now (the message is finished, nothing is posted).
+            let landed = unsafe { region.bytes(framed.offset, framed.len) }?;
+            if framed.offset != offset || landed != wire.as_slice() {
+                return Err(TransportBenchError::Setup(
+                    "a frame built in place differs from its standard framing",
+                ));
+            }
+            let mut points = Vec::with_capacity(2 * starts.len());
+            let ends = starts.iter().skip(1).copied().chain([wire.len()]);
+            for (start, end) in starts.iter().copied().zip(ends) {
+                // A piece ends where the next starts: its last byte is the plane's end marker
+                // (the planes of these sizes are whole words, so no padding follows them).
+                points.push((start, wire[start]));
+                points.push((end - 1, wire[end - 1]));
+            }
+            shapes.push(Shape {
+                points,
+                hash: hash(&wire),
+            });
+            payloads.push(payload);
+        }
+        Ok(Self {
+            payloads,
+            expect: Expect {
+                shapes,
+                len: capacity,
+            },
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -236,5 +357,51 @@ mod tests {
             "the hash sees the middle"
         );
         assert!(set.expect.check(1, &copies[1][1..], false).is_err());
+    }
+
+    /// In-place frames: slot `i` holds message `i`, checked like a copied one (its markers,
+    /// its hash), and a neighbour's slot or a flipped byte fails.
+    #[test]
+    fn in_place_frames_check_like_copied_ones() {
+        let region = Region::create(&RegionOptions::memfd(64 << 20)).unwrap();
+        let stride = InPlaceSet::capacity(FrameSize::P720)
+            .unwrap()
+            .next_multiple_of(4096);
+        let grant = region.lease(3 * stride).unwrap();
+        // SAFETY: a fresh lease, held until the end of the test; only the set writes it.
+        let set = unsafe { InPlaceSet::build(FrameSize::P720, &region, grant.offset(), stride, 3) }
+            .unwrap();
+        let len = set.expect.len();
+        assert_eq!(set.payloads.len(), 3);
+        let slot = |i: u64| {
+            // SAFETY: nothing writes the slots after the build.
+            unsafe { region.bytes(grant.offset() + i * stride, len) }
+                .unwrap()
+                .to_vec()
+        };
+        for seq in 0..6u64 {
+            assert_eq!(
+                set.payloads[(seq % 3) as usize].framed().offset,
+                grant.offset() + (seq % 3) * stride
+            );
+            set.expect.check(seq, &slot(seq % 3), true).unwrap();
+            assert!(set.expect.check(seq, &slot((seq + 1) % 3), false).is_err());
+        }
+        let mut flipped = slot(1);
+        flipped[len as usize / 2] ^= 1;
+        set.expect.check(1, &flipped, false).unwrap();
+        assert!(set.expect.check(1, &flipped, true).is_err());
+        // What lands is a frame, readable in place.
+        let bytes = slot(2);
+        let mut words = capnp::Word::allocate_zeroed_vec(bytes.len() / 8);
+        capnp::Word::words_to_bytes_mut(&mut words).copy_from_slice(&bytes);
+        let (message, _) = capnp_rdma::reader::read_frame(
+            capnp::Word::words_to_bytes(&words),
+            &Default::default(),
+        )
+        .unwrap();
+        let view = capnp_rdma::frame::FrameView::new(&message).unwrap();
+        assert_eq!(view.reader().get_sequence(), 2);
+        assert_eq!(view.plane(0).unwrap()[0], marker(2, 0, false));
     }
 }

@@ -3,17 +3,25 @@
 //!
 //! ```text
 //!  for frame in --frames:
-//!    for system in [raw-tcp, tcp, shm, verbs] ∩ --systems:      (raw-tcp first: the baseline)
-//!      sender region: window + 1 frame messages, built once, untimed (frames.rs)
+//!    for system in [raw-tcp, tcp, shm, shm-copy, verbs] ∩ --systems:  (raw-tcp first: baseline)
 //!      target region: a lease of `window` slots
+//!      sender region: window + 1 frame messages, built once, untimed (frames.rs)
+//!        (shm: `window` frame messages built once, untimed, in place: message i in slot i of
+//!         the target's grant, so each write hands over the message already there, shm.rs)
 //!      tokio runtime (multi-thread, 2 workers), loopback:
 //!        sender task ── post_write(message seq % (window+1), slot seq % window, imm = seq) ──┐
 //!             ▲ completions hand the message back; it is posted again                       │
 //!             └──── credit (≤ window frames posted and not yet checked) ◀── receiver task ◀─┘
 //!                                                      checks each frame as it lands (pump.rs)
-//!      ─▶ Record: frames/s, GB/s, p50/p99 post→arrival, CPU s/frame (JSON line or table row)
+//!      ─▶ Record: frames/s, GB/s, p50/p99 post→arrival, CPU s/frame, copied B/frame (shm)
+//!         (JSON line or table row)
 //!  summary: the ratios the targets are about (report.rs)
 //! ```
+//!
+//! `shm` is the shared-memory backend's zero-copy path: the producer builds each frame with a
+//! `SlotMessage` where the target reads it, and a write is a ring notification (the run fails
+//! if the writer copied a byte). `shm-copy` is the same backend fed from the sender's own
+//! region, like tcp and verbs: every write copies the frame into the slot.
 //!
 //! Both ends run in this process, so `cpu_s_per_frame` is what the pair costs together
 //! (`getrusage(RUSAGE_SELF)` user + system time over the measured period, per frame). Every
@@ -54,12 +62,12 @@ pub(crate) struct Args {
     /// Frame sizes (I420).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "1080p,4k")]
     frames: Vec<FrameSize>,
-    /// Systems to measure; they always run in the order raw-tcp, tcp, shm, verbs.
+    /// Systems to measure; they always run in the order raw-tcp, tcp, shm, shm-copy, verbs.
     #[arg(
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "raw-tcp,tcp,shm,verbs"
+        default_value = "raw-tcp,tcp,shm,shm-copy,verbs"
     )]
     systems: Vec<SystemKind>,
     /// Frames in flight (posted and not yet checked by the receiver); also the number of slots
@@ -97,8 +105,11 @@ enum SystemKind {
     RawTcp,
     /// capnp_rdma::transport::tcp.
     Tcp,
-    /// capnp_rdma::transport::shm.
+    /// capnp_rdma::transport::shm, frames built in place in the target's grant (SlotMessage):
+    /// each write is a zero-copy hand-off.
     Shm,
+    /// capnp_rdma::transport::shm, frames in the sender's own region: each write copies.
+    ShmCopy,
     /// capnp_rdma::transport::verbs (needs an RDMA device).
     Verbs,
 }
@@ -109,6 +120,7 @@ impl SystemKind {
             SystemKind::RawTcp => "raw-tcp",
             SystemKind::Tcp => "tcp",
             SystemKind::Shm => "shm",
+            SystemKind::ShmCopy => "shm-copy",
             SystemKind::Verbs => "verbs",
         }
     }
@@ -171,6 +183,8 @@ pub(crate) enum TransportBenchError {
     Framing(#[from] FramingError),
     #[error("frame layout: {0}")]
     Frame(#[from] capnp_rdma::frame::FrameError),
+    #[error("slot message: {0}")]
+    Slot(#[from] capnp_rdma::SlotError),
     #[error("a benchmark task failed: {0}")]
     Task(#[source] tokio::task::JoinError),
     #[error("waited {STALL:?} for {0}")]
@@ -261,8 +275,9 @@ pub(crate) fn run(args: &Args) -> Result<(), TransportBenchError> {
     if !args.json {
         emit(&format!(
             "frame-bench transport: host nproc {nproc}; one process, tokio multi-thread runtime \
-             (2 workers), loopback; window {window} ({} pre-built frames per system); {} warm-up \
-             frames, then at least {} frames and {} ms per (system, frame)",
+             (2 workers), loopback; window {window} ({} pre-built frames per system; shm: \
+             {window}, built in place in the target's slots); {} warm-up frames, then at least {} \
+             frames and {} ms per (system, frame)",
             window + 1,
             plan.warmup,
             plan.min_frames,
@@ -352,6 +367,15 @@ async fn measure(
     let (width, height) = size.dimensions();
     let frame_bytes =
         capnp_rdma::frame::frame_bytes(capnp_rdma::frame::PixelFormat::I420, width, height)? as u64;
+    if system == SystemKind::Shm {
+        // Built in place, after connecting: the frames live in the target's grant.
+        let (measured, wire_bytes) = shm::run_in_place(size, Shared::new(plan, window)).await?;
+        return Ok(Outcome {
+            measured,
+            frame_bytes: frame_bytes as usize,
+            wire_bytes,
+        });
+    }
     // Each message: its planes and a small header segment, each rounded up to whole blocks.
     let sender_bytes = (frame_bytes + (1 << 20)) * payloads as u64 + (16 << 20);
     let sender_region = Region::create(&RegionOptions::memfd(sender_bytes))?;
@@ -400,7 +424,8 @@ async fn run_case(
 ) -> Result<Measured, TransportBenchError> {
     match (system, device) {
         (SystemKind::Tcp, _) => tcp::run(case).await,
-        (SystemKind::Shm, _) => shm::run(case).await,
+        (SystemKind::ShmCopy, _) => shm::run_copy(case).await,
+        (SystemKind::Shm, _) => Err(TransportBenchError::Setup("shm builds its own frames")),
         #[cfg(feature = "verbs")]
         (SystemKind::Verbs, Some(Ok(device))) => verbs::run(device, case).await,
         (SystemKind::Verbs, _) => Err(TransportBenchError::Setup("verbs without a device")),
@@ -445,7 +470,12 @@ mod tests {
     #[test]
     fn every_backend_streams_checked_frames() {
         let rt = runtime();
-        for system in [SystemKind::RawTcp, SystemKind::Tcp, SystemKind::Shm] {
+        for system in [
+            SystemKind::RawTcp,
+            SystemKind::Tcp,
+            SystemKind::Shm,
+            SystemKind::ShmCopy,
+        ] {
             let outcome = rt
                 .block_on(measure(system, FrameSize::P720, 2, plan(), None))
                 .unwrap_or_else(|e| panic!("{system:?}: {e}"));
@@ -455,6 +485,17 @@ mod tests {
             assert!(outcome.wire_bytes > 1_382_400);
             assert!(outcome.measured.latency.median_ns > 0.0);
             assert!(!outcome.measured.elapsed.is_zero());
+            // 3 warm-up + 4 measured writes: shm hands each over in place, shm-copy copies it.
+            let copies = outcome.measured.shm_writer.map(|s| {
+                assert_eq!(s.writes, 7, "{system:?}");
+                (s.zero_copy_writes, s.bytes_copied)
+            });
+            let expected = match system {
+                SystemKind::Shm => Some((7, 0)),
+                SystemKind::ShmCopy => Some((0, 7 * outcome.wire_bytes)),
+                _ => None,
+            };
+            assert_eq!(copies, expected, "{system:?}");
         }
     }
 

@@ -22,6 +22,7 @@
 
 use super::frames::Expect;
 use super::TransportBenchError;
+use capnp_rdma::transport::shm::WriterStats;
 use capnp_rdma::transport::{Target, Writer};
 use capnp_rdma_benches::{process_cpu_time, Stats};
 use std::collections::VecDeque;
@@ -224,6 +225,9 @@ pub(super) struct Measured {
     pub(super) cpu: Duration,
     /// Post-to-arrival latency of the timed frames.
     pub(super) latency: Stats,
+    /// The shm writer's counters over the whole run (warm-up included); `None` for other
+    /// systems.
+    pub(super) shm_writer: Option<WriterStats>,
 }
 
 impl Measured {
@@ -240,6 +244,7 @@ impl Measured {
             elapsed: end.at.saturating_duration_since(start.at),
             cpu: end.cpu.saturating_sub(start.cpu),
             latency: Stats::from_samples(&receipts.samples_ns),
+            shm_writer: None,
         })
     }
 }

@@ -1,17 +1,33 @@
-//! System `shm`: `capnp_rdma::transport::shm`, writer and target in this process. The writer
-//! maps the target's region (passed over a Unix socket), copies each message's entries into
-//! the granted slot and pushes a notification onto the shared ring; the target polls the ring
-//! (then sleeps on an eventfd).
+//! Systems `shm` and `shm-copy`: `capnp_rdma::transport::shm`, writer and target in this
+//! process. The writer maps the target's region (passed over a Unix socket) and pushes one
+//! notification per write onto the shared ring; the target polls the ring (then sleeps on an
+//! eventfd).
 //!
-//! The messages live in the sender's own region, as for every other system, so each write is
-//! one copy of the frame. (The backend's zero-copy path — a producer that builds its message
-//! inside the target's region, at its destination — is not what this benchmark measures.)
+//! ```text
+//!  shm       frames built in place, once per slot, untimed: SlotMessage in slot i of the
+//!            target's grant (through ShmWriter::target_region), FrameWriter, pixels, finish
+//!            write seq = post_write(slot seq % window's payload, to slot seq % window)
+//!                      = check + ring push (+ eventfd only if the target sleeps); 0 bytes copied
+//!  shm-copy  frames in the sender's own region (as for tcp and verbs)
+//!            write seq = post_write(message seq % (window+1), slot seq % window)
+//!                      = check + one memcpy per entry into the slot + ring push
+//! ```
+//!
+//! `shm` is the zero-copy hand-off a producer gets when it builds its frames where the target
+//! reads them; `shm-copy` is what any other producer gets. Both report the writer's counters
+//! (`copied B/fr`), and `shm` fails the run if a single byte was copied. Neither stamps frames
+//! per write: like every system here, they send pre-built frames (see frames.rs).
 
-use super::pump::{self, Measured};
+use super::frames::InPlaceSet;
+use super::pump::{self, Measured, Receipts, Shared};
 use super::{Case, TransportBenchError};
+use crate::roundtrip::FrameSize;
 use capnp_rdma::framing::OutboundMessage;
 use capnp_rdma::transport::shm::{ShmOptions, ShmTarget, ShmWriter};
+use capnp_rdma::transport::{Payload, Writer};
+use capnp_rdma::{Region, RegionOptions};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use tokio::net::UnixListener;
 
 /// Removes the socket file when dropped.
@@ -31,8 +47,59 @@ fn socket_path() -> SocketPath {
     )
 }
 
-/// Runs one (shm, frame) measurement.
-pub(super) async fn run(case: Case) -> Result<Measured, TransportBenchError> {
+/// A connected pair: the target grants `window` slots of `stride` bytes of `target_region`.
+async fn connect<P: Payload>(
+    target_region: &Region,
+    local: &Region,
+    stride: u64,
+    window: usize,
+) -> Result<(ShmWriter<P>, ShmTarget), TransportBenchError> {
+    let lease = target_region.lease(stride * window as u64)?;
+    let path = socket_path();
+    let _ = std::fs::remove_file(&path.0);
+    let listener = UnixListener::bind(&path.0).map_err(|source| TransportBenchError::Io {
+        what: "bind",
+        source,
+    })?;
+    let options = ShmOptions {
+        window: window as u32,
+        ..ShmOptions::default()
+    };
+    let accept = tokio::spawn(async move { ShmTarget::accept(&listener, lease, &options).await });
+    let writer = ShmWriter::<P>::connect(&path.0, local)
+        .await
+        .map_err(TransportBenchError::connect)?;
+    let target = accept
+        .await
+        .map_err(TransportBenchError::Task)?
+        .map_err(TransportBenchError::connect)?;
+    Ok((writer, target))
+}
+
+/// Runs the stream and returns what it measured, with the writer's counters.
+async fn stream<P: Payload>(
+    writer: ShmWriter<P>,
+    target: ShmTarget,
+    payloads: Vec<P>,
+    shared: Arc<Shared>,
+    receipts: Receipts,
+    stride: u64,
+) -> Result<Measured, TransportBenchError> {
+    let sender = tokio::spawn(pump::send(writer, payloads, shared, stride));
+    let receiver = tokio::spawn(pump::receive(target, receipts, stride));
+    let ((writer, payloads), (target, receipts)) = pump::join(sender, receiver).await?;
+    let stats = writer.stats();
+    // The writer first: a target dropped before it keeps its lease until the writer closes.
+    drop(writer);
+    drop(target);
+    drop(payloads);
+    let mut measured = Measured::from(&receipts)?;
+    measured.shm_writer = Some(stats);
+    Ok(measured)
+}
+
+/// Runs one (shm-copy, frame) measurement: messages from the sender's region, copied.
+pub(super) async fn run_copy(case: Case) -> Result<Measured, TransportBenchError> {
     let Case {
         messages,
         sender_region,
@@ -41,32 +108,39 @@ pub(super) async fn run(case: Case) -> Result<Measured, TransportBenchError> {
         shared,
         receipts,
     } = case;
-    let lease = target_region.lease(stride * shared.window() as u64)?;
-    let path = socket_path();
-    let _ = std::fs::remove_file(&path.0);
-    let listener = UnixListener::bind(&path.0).map_err(|source| TransportBenchError::Io {
-        what: "bind",
-        source,
-    })?;
-    let options = ShmOptions {
-        window: shared.window() as u32,
-        ..ShmOptions::default()
-    };
-    let accept = tokio::spawn(async move { ShmTarget::accept(&listener, lease, &options).await });
-    let writer = ShmWriter::<OutboundMessage>::connect(&path.0, &sender_region)
-        .await
-        .map_err(TransportBenchError::connect)?;
-    let target = accept
-        .await
-        .map_err(TransportBenchError::Task)?
-        .map_err(TransportBenchError::connect)?;
+    let window = shared.window();
+    let (writer, target) =
+        connect::<OutboundMessage>(&target_region, &sender_region, stride, window).await?;
+    stream(writer, target, messages, shared, receipts, stride).await
+}
 
-    let sender = tokio::spawn(pump::send(writer, messages, shared, stride));
-    let receiver = tokio::spawn(pump::receive(target, receipts, stride));
-    let ((writer, payloads), (target, receipts)) = pump::join(sender, receiver).await?;
-    // The writer first: a target dropped before it keeps its lease until the writer closes.
-    drop(writer);
-    drop(target);
-    drop(payloads);
-    Measured::from(&receipts)
+/// Runs one (shm, frame) measurement: frames built in place in the target's grant, handed
+/// over without a copy. Returns the measurement and the bytes of one write.
+pub(super) async fn run_in_place(
+    size: FrameSize,
+    shared: Arc<Shared>,
+) -> Result<(Measured, u64), TransportBenchError> {
+    let window = shared.window();
+    let stride = InPlaceSet::capacity(size)?.next_multiple_of(4096);
+    let target_region = Region::create(&RegionOptions::memfd(stride * window as u64 + (16 << 20)))?;
+    // The writer's own region stays empty: every payload is in the target's.
+    let local = Region::create(&RegionOptions::memfd(4 << 20))?;
+    let (writer, target) = connect(&target_region, &local, stride, window).await?;
+    let base = writer.remote().offset;
+    // SAFETY: the slots are the target's grant (a fresh lease: zeroed), which it keeps until
+    // the writer is gone (dropped before the target in `stream`, and the payloads with it);
+    // only these messages write them, and the target reads a slot only after a write to it
+    // was announced.
+    let set = unsafe { InPlaceSet::build(size, writer.target_region(), base, stride, window) }?;
+    let wire_bytes = set.expect.len();
+    let receipts = Receipts::new(&shared, &Arc::new(set.expect));
+    let measured = stream(writer, target, set.payloads, shared, receipts, stride).await?;
+    match measured.shm_writer {
+        Some(stats) if stats.bytes_copied == 0 && stats.zero_copy_writes == stats.writes => {
+            Ok((measured, wire_bytes))
+        }
+        _ => Err(TransportBenchError::Setup(
+            "an in-place frame was copied: not every write was a zero-copy hand-off",
+        )),
+    }
 }

@@ -1,0 +1,881 @@
+//! The client library: connect to a store, write frames, read them.
+//!
+//! ```text
+//!  Client::connect("unix:/run/staging-store.sock")  ── shm: the store's memfd arrives with the
+//!                                                       welcome; grants and frames are read
+//!                                                       and written in place
+//!  Client::connect("tcp:store-host:7070")           ── tcp: a data connection carries bytes
+//!
+//!  producer: create(stream, size) ─▶ Grant ─▶ write in place (shm) / put over data (tcp)
+//!            ─▶ seal ─▶ seq
+//!  consumer: subscribe(stream, consumer, cursor, window) ─▶ next() ─▶ FrameRef (bytes in
+//!            place or received) ─▶ release (or drop)
+//! ```
+//!
+//! The transport follows from the address: a Unix socket means the store is on this host, so
+//! shm; a TCP address means tcp. Requests are pipelined: any number of calls may be in flight
+//! from any number of tasks; a background task reads the store's messages and wakes each
+//! caller. Dropping the last handle closes the connection, and the store then drops everything
+//! the session held.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), staging_store::client::ClientError> {
+//! use staging_store::client::Client;
+//! use staging_store::proto::{Cursor, StreamConfig};
+//!
+//! let producer = Client::connect("unix:/tmp/staging-store.sock", "decoder").await?;
+//! producer.create_stream("cam0", StreamConfig::default(), true).await?;
+//! let seq = producer.put("cam0", &framed_bytes()).await?;
+//!
+//! let consumer = Client::connect("unix:/tmp/staging-store.sock", "encoder").await?;
+//! let mut frames = consumer.subscribe("cam0", "encoder", Cursor::Resume, 4).await?;
+//! let frame = frames.next().await?;
+//! assert_eq!(frame.seq(), seq);
+//! let message = frame.read(&Default::default())?; // a capnp reader over the bytes, in place
+//! # let _ = message;
+//! frame.release().await?;
+//! # Ok(()) }
+//! # fn framed_bytes() -> Vec<u8> { Vec::new() }
+//! ```
+
+use crate::data::{self, Attach, Put};
+use crate::proto::{
+    self, decode_server_message, encode_request, Body, Cursor, Delivery, Grant, MessageBuf,
+    Reply, Request, ServerMessage, StoreError, StoreStat, StreamConfig, StreamStat, Subscribed,
+    Transport, Welcome,
+};
+use capnp::message::Reader;
+use capnp_rdma::reader::{read_framed, InPlaceSegments, ReadError, ReadOptions};
+use capnp_rdma::{OpenOptions, Region};
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The store answered with an error.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// The connection failed or closed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// Why.
+        source: io::Error,
+    },
+    /// The store broke the protocol.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// The connection is closed.
+    #[error("the connection to the store is closed")]
+    Closed,
+    /// The address is not `unix:PATH`, a path, `tcp:HOST:PORT` or `HOST:PORT`.
+    #[error("bad store address {0:?}")]
+    BadAddress(String),
+    /// The frame's bytes are not a readable message.
+    #[error("reading the frame: {0}")]
+    Read(#[from] ReadError),
+    /// Mapping the store's region failed.
+    #[error("mapping the store's region: {0}")]
+    Region(#[from] capnp_rdma::RegionError),
+    /// The frame does not fit the grant (or the grant is not writable here).
+    #[error("{0}")]
+    Grant(String),
+}
+
+fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> ClientError {
+    move |source| ClientError::Io { what, source }
+}
+
+type Waiter = oneshot::Sender<Result<Reply, StoreError>>;
+
+/// Where a received frame's bytes live.
+enum Bytes {
+    /// In the store's region, mapped here.
+    Shared(Region),
+    /// Received on the data connection (8-byte aligned).
+    Owned(Vec<capnp::Word>),
+}
+
+/// What the reader tasks hand a subscription.
+type Incoming = Result<(Delivery, Option<Vec<capnp::Word>>), StoreError>;
+
+struct Inner {
+    writer: mpsc::UnboundedSender<Vec<u8>>,
+    waiters: Mutex<HashMap<u64, Waiter>>,
+    subscriptions: Mutex<HashMap<u32, mpsc::UnboundedSender<Incoming>>>,
+    early: Mutex<HashMap<u32, Vec<Incoming>>>,
+    /// tcp: bytes of gets, by reference, waiting for (or waited for by) the caller.
+    got_bytes: Mutex<HashMap<u64, GotBytes>>,
+    next_id: AtomicU64,
+    welcome: Welcome,
+    transport: Transport,
+    region: Option<Region>,
+    data: Option<tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>>,
+    notices: Mutex<Vec<StoreError>>,
+}
+
+enum GotBytes {
+    Arrived(Vec<capnp::Word>),
+    Waiting(oneshot::Sender<Vec<capnp::Word>>),
+}
+
+/// A connection to a store. Cheap to clone; every clone shares the connection.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("transport", &self.inner.transport)
+            .field("session", &self.inner.welcome.session)
+            .finish()
+    }
+}
+
+enum Addr {
+    Unix(String),
+    Tcp(String),
+}
+
+fn parse_addr(addr: &str) -> Result<Addr, ClientError> {
+    if let Some(path) = addr.strip_prefix("unix:") {
+        return Ok(Addr::Unix(path.to_owned()));
+    }
+    if let Some(hostport) = addr.strip_prefix("tcp:") {
+        return Ok(Addr::Tcp(hostport.to_owned()));
+    }
+    if addr.starts_with('/') || addr.starts_with('.') {
+        return Ok(Addr::Unix(addr.to_owned()));
+    }
+    if addr.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+        return Ok(Addr::Tcp(addr.to_owned()));
+    }
+    Err(ClientError::BadAddress(addr.to_owned()))
+}
+
+async fn read_message(
+    read: &mut (impl AsyncReadExt + Unpin),
+    buf: &mut MessageBuf,
+) -> Result<Option<ServerMessage>, ClientError> {
+    loop {
+        if let Some(m) = buf.next_message() {
+            let bytes = m.map_err(|e| ClientError::Protocol(e.to_string()))?;
+            return decode_server_message(bytes)
+                .map(Some)
+                .map_err(|e| ClientError::Protocol(e.to_string()));
+        }
+        let n = read
+            .read(buf.spare())
+            .await
+            .map_err(io_err("reading from the store"))?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.filled(n);
+    }
+}
+
+fn hello(client: &str, transport: Transport) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_request(
+        &Request {
+            id: 0,
+            body: Body::Hello {
+                version: proto::VERSION,
+                client: client.chars().take(proto::MAX_NAME_BYTES).collect(),
+                transport,
+            },
+        },
+        &mut out,
+    );
+    out
+}
+
+fn welcome_of(message: Option<ServerMessage>) -> Result<Welcome, ClientError> {
+    match message {
+        Some(ServerMessage::Response(proto::Response {
+            result: Ok(Reply::Welcome(w)),
+            ..
+        })) => Ok(w),
+        Some(ServerMessage::Response(proto::Response { result: Err(e), .. })) => Err(e.into()),
+        Some(other) => Err(ClientError::Protocol(format!(
+            "expected a welcome, got {other:?}"
+        ))),
+        None => Err(ClientError::Closed),
+    }
+}
+
+impl Client {
+    /// Connects to the store at `addr` (`unix:PATH` or a path: shm; `tcp:HOST:PORT` or
+    /// `HOST:PORT`: tcp) and says hello as `name`.
+    pub async fn connect(addr: &str, name: &str) -> Result<Client, ClientError> {
+        match parse_addr(addr)? {
+            Addr::Unix(path) => Self::connect_unix(&path, name).await,
+            Addr::Tcp(hostport) => Self::connect_tcp(&hostport, name).await,
+        }
+    }
+
+    async fn connect_unix(path: &str, name: &str) -> Result<Client, ClientError> {
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(io_err("connecting to the store's Unix socket"))?;
+        stream
+            .try_write(&hello(name, Transport::Shm))
+            .map_err(io_err("sending hello"))?;
+        // The welcome arrives with the region's descriptor.
+        let mut buf = MessageBuf::new(proto::MAX_SERVER_MESSAGE_BYTES);
+        let mut fd = None;
+        let welcome = loop {
+            if let Some(m) = buf.next_message() {
+                let bytes = m.map_err(|e| ClientError::Protocol(e.to_string()))?;
+                let message =
+                    decode_server_message(bytes).map_err(|e| ClientError::Protocol(e.to_string()))?;
+                break welcome_of(Some(message))?;
+            }
+            let (n, fds) = capnp_rdma::fdpass::recv_with_fds(&stream, buf.spare(), 1)
+                .await
+                .map_err(io_err("reading the welcome"))?;
+            if n == 0 {
+                return Err(ClientError::Closed);
+            }
+            buf.filled(n);
+            if let Some(f) = fds.into_iter().next() {
+                fd = Some(f);
+            }
+        };
+        let fd = fd.ok_or_else(|| {
+            ClientError::Protocol("the welcome came without the region's descriptor".into())
+        })?;
+        let region = Region::open_fd(
+            fd,
+            &OpenOptions {
+                prefault: false,
+                ..OpenOptions::default()
+            },
+        )?;
+        if region.id() != welcome.region_id {
+            return Err(ClientError::Protocol(
+                "the descriptor is not the region the welcome names".into(),
+            ));
+        }
+        let (read, write) = stream.into_split();
+        Ok(Self::start(read, write, buf, welcome, Transport::Shm, Some(region), None))
+    }
+
+    async fn connect_tcp(hostport: &str, name: &str) -> Result<Client, ClientError> {
+        let mut stream = TcpStream::connect(hostport)
+            .await
+            .map_err(io_err("connecting to the store"))?;
+        let _ = stream.set_nodelay(true);
+        stream
+            .write_all(&hello(name, Transport::Tcp))
+            .await
+            .map_err(io_err("sending hello"))?;
+        let mut buf = MessageBuf::new(proto::MAX_SERVER_MESSAGE_BYTES);
+        let welcome = welcome_of(read_message(&mut stream, &mut buf).await?)?;
+        let peer = stream.peer_addr().map_err(io_err("the store's address"))?;
+        let data = TcpStream::connect((peer.ip(), welcome.data_port))
+            .await
+            .map_err(io_err("connecting the data connection"))?;
+        let _ = data.set_nodelay(true);
+        let (data_read, mut data_write) = data.into_split();
+        data_write
+            .write_all(
+                &Attach {
+                    session: welcome.session,
+                    token: welcome.token,
+                }
+                .encode(),
+            )
+            .await
+            .map_err(io_err("attaching the data connection"))?;
+        let (read, write) = stream.into_split();
+        let client = Self::start(
+            read,
+            write,
+            buf,
+            welcome,
+            Transport::Tcp,
+            None,
+            Some(data_write),
+        );
+        tokio::spawn(data_reader(Arc::downgrade(&client.inner), data_read));
+        Ok(client)
+    }
+
+    fn start(
+        read: impl AsyncReadExt + Unpin + Send + 'static,
+        mut write: impl AsyncWriteExt + Unpin + Send + 'static,
+        buf: MessageBuf,
+        welcome: Welcome,
+        transport: Transport,
+        region: Option<Region>,
+        data: Option<tokio::net::tcp::OwnedWriteHalf>,
+    ) -> Client {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        tokio::spawn(async move {
+            let mut batch = Vec::new();
+            while let Some(first) = rx.recv().await {
+                batch.clear();
+                batch.extend_from_slice(&first);
+                while let Ok(more) = rx.try_recv() {
+                    batch.extend_from_slice(&more);
+                }
+                if write.write_all(&batch).await.is_err() {
+                    return;
+                }
+            }
+            let _ = write.shutdown().await;
+        });
+        let inner = Arc::new(Inner {
+            writer: tx,
+            waiters: Mutex::new(HashMap::new()),
+            subscriptions: Mutex::new(HashMap::new()),
+            early: Mutex::new(HashMap::new()),
+            got_bytes: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            welcome,
+            transport,
+            region,
+            data: data.map(tokio::sync::Mutex::new),
+            notices: Mutex::new(Vec::new()),
+        });
+        tokio::spawn(control_reader(Arc::downgrade(&inner), read, buf));
+        Client { inner }
+    }
+
+    /// How this client moves bytes.
+    pub fn transport(&self) -> Transport {
+        self.inner.transport
+    }
+
+    /// What the store said at hello.
+    pub fn welcome(&self) -> &Welcome {
+        &self.inner.welcome
+    }
+
+    /// The store's region, mapped (shm clients).
+    pub fn region(&self) -> Option<&Region> {
+        self.inner.region.as_ref()
+    }
+
+    /// Errors the store reported outside any request (e.g. a refused data write).
+    pub fn take_notices(&self) -> Vec<StoreError> {
+        std::mem::take(&mut *self.inner.notices.lock().expect("not poisoned"))
+    }
+
+    fn send(&self, body: Body, wait: bool) -> Result<Option<oneshot::Receiver<Result<Reply, StoreError>>>, ClientError> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let rx = if wait {
+            let (tx, rx) = oneshot::channel();
+            self.inner
+                .waiters
+                .lock()
+                .expect("not poisoned")
+                .insert(id, tx);
+            Some(rx)
+        } else {
+            None
+        };
+        let mut bytes = Vec::with_capacity(64);
+        encode_request(&Request { id, body }, &mut bytes);
+        self.inner
+            .writer
+            .send(bytes)
+            .map_err(|_| ClientError::Closed)?;
+        Ok(rx)
+    }
+
+    /// Sends a request and waits for its answer.
+    pub async fn call(&self, body: Body) -> Result<Reply, ClientError> {
+        let rx = self.send(body, true)?.expect("asked to wait");
+        match rx.await {
+            Ok(result) => result.map_err(ClientError::Store),
+            Err(_) => Err(ClientError::Closed),
+        }
+    }
+
+    /// Creates a stream (`exist_ok`: succeed if it exists).
+    pub async fn create_stream(
+        &self,
+        name: &str,
+        config: StreamConfig,
+        exist_ok: bool,
+    ) -> Result<(), ClientError> {
+        self.call(Body::CreateStream {
+            name: name.to_owned(),
+            config,
+            exist_ok,
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Deletes a stream.
+    pub async fn delete_stream(&self, name: &str) -> Result<(), ClientError> {
+        self.call(Body::DeleteStream(name.to_owned())).await.map(drop)
+    }
+
+    /// A writable grant of at least `size` bytes for the next frame of `stream` (may wait
+    /// for room, as the stream's policy says).
+    pub async fn create(&self, stream: &str, size: u64) -> Result<Grant, ClientError> {
+        match self
+            .call(Body::Create {
+                stream: stream.to_owned(),
+                size,
+            })
+            .await?
+        {
+            Reply::Granted(g) => Ok(g),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The bytes of a grant, writable (shm clients).
+    ///
+    /// The grant is this client's alone until sealed or aborted: the store gives its blocks
+    /// to nobody else and reads them only at seal.
+    pub fn grant_bytes(&self, grant: &Grant) -> Result<&mut [u8], ClientError> {
+        let region = self
+            .inner
+            .region
+            .as_ref()
+            .ok_or_else(|| ClientError::Grant("grants are writable in place only over shm".into()))?;
+        region.check_range(grant.offset, grant.len)?;
+        // SAFETY: the range lies in the mapping (checked); the store granted it to this
+        // session only, and it is not sealed yet, so no one else reads or writes it. Callers
+        // must not hold two slices of one grant at once (each call is for one grant write).
+        Ok(unsafe {
+            std::slice::from_raw_parts_mut(
+                region.as_ptr().cast_mut().add(grant.offset as usize),
+                grant.len as usize,
+            )
+        })
+    }
+
+    /// Sends `bytes` into the grant at `at` over the data connection (tcp clients).
+    pub async fn write_grant(&self, grant: &Grant, at: u64, bytes: &[u8]) -> Result<(), ClientError> {
+        let data = self
+            .inner
+            .data
+            .as_ref()
+            .ok_or_else(|| ClientError::Grant("no data connection (shm writes in place)".into()))?;
+        let mut w = data.lock().await;
+        let header = Put {
+            object: grant.object,
+            at,
+            len: bytes.len() as u64,
+        }
+        .encode();
+        w.write_all(&header).await.map_err(io_err("writing a PUT header"))?;
+        w.write_all(bytes).await.map_err(io_err("writing frame bytes"))?;
+        Ok(())
+    }
+
+    /// Makes `len` bytes at `offset` (inside the grant) readable as the stream's next frame.
+    pub async fn seal(
+        &self,
+        grant: &Grant,
+        offset: u64,
+        len: u64,
+        checksum: Option<u32>,
+    ) -> Result<u64, ClientError> {
+        match self
+            .call(Body::Seal {
+                object: grant.object,
+                offset,
+                len,
+                checksum,
+            })
+            .await?
+        {
+            Reply::Sealed(seq) => Ok(seq),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Gives up a grant.
+    pub async fn abort(&self, grant: &Grant) -> Result<(), ClientError> {
+        self.call(Body::Abort(grant.object)).await.map(drop)
+    }
+
+    /// Writes one framed message (standard Cap'n Proto stream framing) as the stream's next
+    /// frame: create, copy into the grant (shm) or send it (tcp), seal. Returns its sequence
+    /// number. Builds the checksum when the store or `checksum` asks for one.
+    pub async fn put_with(&self, stream: &str, framed: &[u8], checksum: bool) -> Result<u64, ClientError> {
+        let grant = self.create(stream, framed.len() as u64).await?;
+        let crc = (checksum || self.inner.welcome.checksums).then(|| crate::journal::frame_crc(framed));
+        let written = match self.inner.transport {
+            Transport::Shm => {
+                self.grant_bytes(&grant)?[..framed.len()].copy_from_slice(framed);
+                Ok(())
+            }
+            Transport::Tcp => self.write_grant(&grant, 0, framed).await,
+        };
+        if let Err(e) = written {
+            let _ = self.abort(&grant).await;
+            return Err(e);
+        }
+        self.seal(&grant, grant.offset, framed.len() as u64, crc).await
+    }
+
+    /// [`Client::put_with`] with a checksum only if the store requires one.
+    pub async fn put(&self, stream: &str, framed: &[u8]) -> Result<u64, ClientError> {
+        self.put_with(stream, framed, false).await
+    }
+
+    /// One sealed frame (the newest when `seq` is `None`), held until released.
+    pub async fn get(&self, stream: &str, seq: Option<u64>) -> Result<FrameRef, ClientError> {
+        let delivery = match self
+            .call(Body::Get {
+                stream: stream.to_owned(),
+                seq,
+            })
+            .await?
+        {
+            Reply::Got(d) => d,
+            other => return Err(unexpected(other)),
+        };
+        let bytes = match self.inner.transport {
+            Transport::Shm => Bytes::Shared(self.inner.region.clone().expect("shm has a region")),
+            Transport::Tcp => {
+                let rx = {
+                    let mut got = self.inner.got_bytes.lock().expect("not poisoned");
+                    match got.remove(&delivery.reference) {
+                        Some(GotBytes::Arrived(words)) => Ok(words),
+                        _ => {
+                            let (tx, rx) = oneshot::channel();
+                            got.insert(delivery.reference, GotBytes::Waiting(tx));
+                            Err(rx)
+                        }
+                    }
+                };
+                match rx {
+                    Ok(words) => Bytes::Owned(words),
+                    Err(rx) => Bytes::Owned(rx.await.map_err(|_| ClientError::Closed)?),
+                }
+            }
+        };
+        Ok(FrameRef::new(self.clone(), delivery, bytes))
+    }
+
+    /// Subscribes to a stream as `consumer` (empty: anonymous), from `from`, with at most
+    /// `window` frames held at once.
+    pub async fn subscribe(
+        &self,
+        stream: &str,
+        consumer: &str,
+        from: Cursor,
+        window: u32,
+    ) -> Result<Subscription, ClientError> {
+        let reply = self
+            .call(Body::Subscribe {
+                stream: stream.to_owned(),
+                consumer: consumer.to_owned(),
+                from,
+                window,
+            })
+            .await?;
+        let Reply::Subscribed(Subscribed {
+            subscription,
+            from_seq,
+        }) = reply
+        else {
+            return Err(unexpected(reply));
+        };
+        let (rx, early) = {
+            // Same lock order as `route_incoming`: deliveries that arrived before this point
+            // were parked under the id, later ones go to the channel.
+            let mut subs = self.inner.subscriptions.lock().expect("not poisoned");
+            let (tx, rx) = mpsc::unbounded_channel();
+            subs.insert(subscription, tx);
+            let early = self
+                .inner
+                .early
+                .lock()
+                .expect("not poisoned")
+                .remove(&subscription)
+                .unwrap_or_default();
+            (rx, early)
+        };
+        Ok(Subscription {
+            client: self.clone(),
+            id: subscription,
+            from_seq,
+            rx,
+            early: early.into(),
+        })
+    }
+
+    /// Drops a reference (and acknowledges a subscription's frame), waiting for the answer.
+    pub async fn release(&self, reference: u64) -> Result<(), ClientError> {
+        self.call(Body::Release(reference)).await.map(drop)
+    }
+
+    /// Drops a reference without waiting for the answer (errors are reported as notices).
+    pub fn release_nowait(&self, reference: u64) -> Result<(), ClientError> {
+        self.send(Body::Release(reference), false).map(drop)
+    }
+
+    /// Store-wide counters.
+    pub async fn stat(&self) -> Result<StoreStat, ClientError> {
+        match self.call(Body::Stat).await? {
+            Reply::Stat(s) => Ok(s),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Every stream's state.
+    pub async fn streams(&self) -> Result<Vec<StreamStat>, ClientError> {
+        match self.call(Body::Streams).await? {
+            Reply::Streams(s) => Ok(s),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// One stream's state.
+    pub async fn stream_stat(&self, name: &str) -> Result<StreamStat, ClientError> {
+        match self.call(Body::StreamStat(name.to_owned())).await? {
+            Reply::StreamStat(s) => Ok(s),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+fn unexpected(reply: Reply) -> ClientError {
+    ClientError::Protocol(format!("unexpected reply {reply:?}"))
+}
+
+fn route_incoming(inner: &Arc<Inner>, subscription: u32, item: Incoming) {
+    let subs = inner.subscriptions.lock().expect("not poisoned");
+    match subs.get(&subscription) {
+        Some(tx) => {
+            let _ = tx.send(item);
+        }
+        // A delivery can overtake the `subscribed` answer's waiter: keep it for `subscribe`.
+        None => inner
+            .early
+            .lock()
+            .expect("not poisoned")
+            .entry(subscription)
+            .or_default()
+            .push(item),
+    }
+}
+
+async fn control_reader(
+    inner: std::sync::Weak<Inner>,
+    mut read: impl AsyncReadExt + Unpin,
+    mut buf: MessageBuf,
+) {
+    loop {
+        let message = match read_message(&mut read, &mut buf).await {
+            Ok(Some(m)) => m,
+            Ok(None) | Err(_) => break,
+        };
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        match message {
+            ServerMessage::Response(r) => {
+                let waiter = inner.waiters.lock().expect("not poisoned").remove(&r.id);
+                match waiter {
+                    Some(tx) => {
+                        let _ = tx.send(r.result);
+                    }
+                    None => {
+                        if let Err(e) = r.result {
+                            inner.notices.lock().expect("not poisoned").push(e);
+                        }
+                    }
+                }
+            }
+            ServerMessage::Delivery(d) => route_incoming(&inner, d.subscription, Ok((d, None))),
+            ServerMessage::Ended {
+                subscription,
+                reason,
+            } => route_incoming(&inner, subscription, Err(reason)),
+            ServerMessage::Notice(e) => inner.notices.lock().expect("not poisoned").push(e),
+        }
+    }
+    // The connection is gone: every waiter learns it (dropping the senders).
+    if let Some(inner) = inner.upgrade() {
+        inner.waiters.lock().expect("not poisoned").clear();
+        inner.subscriptions.lock().expect("not poisoned").clear();
+        inner.got_bytes.lock().expect("not poisoned").clear();
+    }
+}
+
+async fn data_reader(inner: std::sync::Weak<Inner>, mut read: tokio::net::tcp::OwnedReadHalf) {
+    let mut header = [0u8; data::DELIVER_LEN];
+    loop {
+        if read.read_exact(&mut header).await.is_err() {
+            break;
+        }
+        let Ok(delivery) = data::decode_deliver(&header) else {
+            break;
+        };
+        let region_limit = inner.upgrade().map_or(0, |i| i.welcome.region_bytes);
+        if delivery.len > region_limit {
+            break;
+        }
+        let mut words = capnp::Word::allocate_zeroed_vec(delivery.len.div_ceil(8) as usize);
+        let bytes = &mut capnp::Word::words_to_bytes_mut(&mut words)[..delivery.len as usize];
+        if read.read_exact(bytes).await.is_err() {
+            break;
+        }
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        if delivery.subscription == 0 {
+            let mut got = inner.got_bytes.lock().expect("not poisoned");
+            match got.remove(&delivery.reference) {
+                Some(GotBytes::Waiting(tx)) => {
+                    let _ = tx.send(words);
+                }
+                _ => {
+                    got.insert(delivery.reference, GotBytes::Arrived(words));
+                }
+            }
+        } else {
+            route_incoming(&inner, delivery.subscription, Ok((delivery, Some(words))));
+        }
+    }
+    if let Some(inner) = inner.upgrade() {
+        inner.subscriptions.lock().expect("not poisoned").clear();
+        inner.got_bytes.lock().expect("not poisoned").clear();
+    }
+}
+
+/// A subscription's frames, in order.
+pub struct Subscription {
+    client: Client,
+    id: u32,
+    from_seq: u64,
+    rx: mpsc::UnboundedReceiver<Incoming>,
+    early: std::collections::VecDeque<Incoming>,
+}
+
+impl Subscription {
+    /// Its id.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// The first frame it delivers.
+    pub fn from_seq(&self) -> u64 {
+        self.from_seq
+    }
+
+    /// The next frame (waits for one). `Err(Closed)` when the connection ends; a store error
+    /// when the subscription ended (its stream was deleted).
+    pub async fn next(&mut self) -> Result<FrameRef, ClientError> {
+        let item = match self.early.pop_front() {
+            Some(item) => item,
+            None => self.rx.recv().await.ok_or(ClientError::Closed)?,
+        };
+        let (delivery, words) = item?;
+        let bytes = match words {
+            Some(words) => Bytes::Owned(words),
+            None => Bytes::Shared(
+                self.client
+                    .inner
+                    .region
+                    .clone()
+                    .ok_or_else(|| ClientError::Protocol("shm delivery without a region".into()))?,
+            ),
+        };
+        Ok(FrameRef::new(self.client.clone(), delivery, bytes))
+    }
+
+    /// Ends the subscription; frames it delivered and that are not released go back to the
+    /// stream (a durable consumer gets them again when it resumes).
+    pub async fn close(self) -> Result<(), ClientError> {
+        self.client.inner.subscriptions.lock().expect("not poisoned").remove(&self.id);
+        self.client.call(Body::Unsubscribe(self.id)).await.map(drop)
+    }
+}
+
+/// A frame held by this client: its bytes stay valid (and its blocks allocated) until it is
+/// released or dropped (dropping releases without waiting).
+pub struct FrameRef {
+    client: Client,
+    delivery: Delivery,
+    bytes: Bytes,
+    released: bool,
+}
+
+impl std::fmt::Debug for FrameRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameRef").field("delivery", &self.delivery).finish()
+    }
+}
+
+impl FrameRef {
+    fn new(client: Client, delivery: Delivery, bytes: Bytes) -> Self {
+        Self {
+            client,
+            delivery,
+            bytes,
+            released: false,
+        }
+    }
+
+    /// Its sequence number in the stream.
+    pub fn seq(&self) -> u64 {
+        self.delivery.seq
+    }
+
+    /// What the store said about it.
+    pub fn delivery(&self) -> &Delivery {
+        &self.delivery
+    }
+
+    /// The frame: one Cap'n Proto message in standard stream framing.
+    pub fn bytes(&self) -> &[u8] {
+        match &self.bytes {
+            // SAFETY: the frame is sealed (nobody writes it) and this reference keeps its
+            // blocks allocated until it is released, which consumes or drops `self`.
+            Bytes::Shared(region) => unsafe { region.bytes(self.delivery.offset, self.delivery.len) }
+                .unwrap_or_default(),
+            Bytes::Owned(words) => {
+                &capnp::Word::words_to_bytes(words)[..self.delivery.len as usize]
+            }
+        }
+    }
+
+    /// Reads the message in place (bounds-checked).
+    pub fn read(&self, options: &ReadOptions) -> Result<Reader<InPlaceSegments<'_>>, ClientError> {
+        Ok(read_framed(self.bytes(), options)?.0)
+    }
+
+    /// Verifies the seal's checksum, if it has one.
+    pub fn verify(&self) -> bool {
+        self.delivery
+            .checksum
+            .is_none_or(|crc| crate::journal::frame_crc(self.bytes()) == crc)
+    }
+
+    /// Releases it and waits for the store's answer.
+    pub async fn release(mut self) -> Result<(), ClientError> {
+        self.released = true;
+        self.client.release(self.delivery.reference).await
+    }
+}
+
+impl Drop for FrameRef {
+    fn drop(&mut self) {
+        if !self.released {
+            let _ = self.client.release_nowait(self.delivery.reference);
+        }
+    }
+}

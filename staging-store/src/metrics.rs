@@ -1,0 +1,224 @@
+//! The Prometheus text endpoint (`GET /metrics`), and the rendering it serves.
+//!
+//! Gauges: region bytes and blocks in use, objects, sessions, streams; per stream the retained
+//! and unconsumed frames, bytes and grants being written; per consumer its cursor and
+//! outstanding deliveries. Counters: creates, seals, gets, deliveries, releases, references
+//! reclaimed from dead clients, aborted writes, errors, backpressure waits and refusals per
+//! stream, recovered and corrupt frames, and the server's connection and data-byte counters.
+
+use crate::proto::{StoreStat, StreamStat};
+use crate::server::{IoCounters, Shared};
+use capnp_rdma::RegionStats;
+use std::cell::RefCell;
+use std::fmt::Write as _;
+use std::rc::Rc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+fn escape(label: &str) -> String {
+    label
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Renders the metrics in the Prometheus text format (version 0.0.4).
+pub fn render(
+    stat: &StoreStat,
+    region: &RegionStats,
+    streams: &[StreamStat],
+    io: &IoCounters,
+) -> String {
+    let mut s = String::with_capacity(4096);
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
+        let _ = writeln!(s, "# HELP staging_store_{name} {help}");
+        let _ = writeln!(s, "# TYPE staging_store_{name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(s, "staging_store_{name}{labels} {value}");
+        }
+    };
+    let one = |v: u64| vec![(String::new(), v)];
+    metric("region_bytes", "gauge", "Size of the staging region.", &one(stat.region_bytes));
+    metric("block_bytes", "gauge", "Block size.", &one(stat.block_bytes));
+    metric("blocks_total", "gauge", "Blocks in the region.", &one(stat.blocks_total));
+    metric("blocks_in_use", "gauge", "Blocks allocated.", &one(region.blocks_in_use));
+    metric("bytes_in_use", "gauge", "Bytes of allocated blocks.", &one(region.bytes_in_use));
+    metric(
+        "scrub_pending_bytes",
+        "gauge",
+        "Released bytes waiting to be zeroed.",
+        &one(region.scrub_pending),
+    );
+    metric(
+        "scrubbed_bytes_total",
+        "counter",
+        "Bytes zeroed by the background scrubber.",
+        &one(region.scrubbed_bytes),
+    );
+    metric("objects", "gauge", "Grants and frames alive.", &one(stat.objects));
+    metric("sessions", "gauge", "Connected clients.", &one(u64::from(stat.sessions)));
+    metric("streams", "gauge", "Streams.", &one(u64::from(stat.streams)));
+    metric("creates_total", "counter", "Grants handed out.", &one(stat.creates));
+    metric("seals_total", "counter", "Frames sealed.", &one(stat.seals));
+    metric("gets_total", "counter", "Gets answered.", &one(stat.gets));
+    metric("deliveries_total", "counter", "Subscription deliveries.", &one(stat.deliveries));
+    metric("releases_total", "counter", "References released by clients.", &one(stat.releases));
+    metric(
+        "reclaimed_references_total",
+        "counter",
+        "References dropped because their client went away.",
+        &one(stat.reclaimed_references),
+    );
+    metric(
+        "aborted_writes_total",
+        "counter",
+        "Grants never sealed (aborted or writer gone).",
+        &one(stat.aborted_writes),
+    );
+    metric("errors_total", "counter", "Requests that failed.", &one(stat.errors));
+    metric(
+        "recovered_frames_total",
+        "counter",
+        "Frames recovered from the persistence directory.",
+        &one(stat.recovered_frames),
+    );
+    metric(
+        "corrupt_frames_total",
+        "counter",
+        "Frames found corrupt at recovery.",
+        &one(stat.corrupt_frames),
+    );
+    metric("connections_total", "counter", "Control connections.", &one(io.connections));
+    metric(
+        "protocol_errors_total",
+        "counter",
+        "Connections closed for protocol errors.",
+        &one(io.protocol_errors),
+    );
+    metric("requests_total", "counter", "Control requests.", &one(io.requests));
+    metric(
+        "data_bytes_in_total",
+        "counter",
+        "Bytes received into grants on data connections.",
+        &one(io.data_bytes_in),
+    );
+    metric(
+        "data_bytes_out_total",
+        "counter",
+        "Frame bytes sent on data connections.",
+        &one(io.data_bytes_out),
+    );
+    metric(
+        "data_rejected_total",
+        "counter",
+        "Data writes refused (outside the grant, unknown object).",
+        &one(io.data_rejected),
+    );
+    let per_stream = |f: &dyn Fn(&StreamStat) -> u64| -> Vec<(String, u64)> {
+        streams
+            .iter()
+            .map(|st| (format!("{{stream=\"{}\"}}", escape(&st.name)), f(st)))
+            .collect()
+    };
+    metric("stream_frames", "gauge", "Frames retained.", &per_stream(&|s| u64::from(s.frames)));
+    metric("stream_bytes", "gauge", "Bytes of frames retained.", &per_stream(&|s| s.bytes));
+    metric(
+        "stream_unconsumed_frames",
+        "gauge",
+        "Frames some consumer has not released.",
+        &per_stream(&|s| u64::from(s.unconsumed_frames)),
+    );
+    metric(
+        "stream_writing",
+        "gauge",
+        "Grants being written.",
+        &per_stream(&|s| u64::from(s.writing)),
+    );
+    metric(
+        "stream_sealed_total",
+        "counter",
+        "Frames sealed.",
+        &per_stream(&|s| s.sealed_total),
+    );
+    metric(
+        "stream_dropped_total",
+        "counter",
+        "Frames dropped by the drop-oldest policy.",
+        &per_stream(&|s| s.dropped_total),
+    );
+    metric(
+        "stream_backpressure_waits_total",
+        "counter",
+        "Creates that waited for room.",
+        &per_stream(&|s| s.blocked_creates),
+    );
+    metric(
+        "stream_backpressure_rejections_total",
+        "counter",
+        "Creates refused: stream full, or timed out waiting.",
+        &per_stream(&|s| s.rejected_creates),
+    );
+    let per_consumer = |f: &dyn Fn(&crate::proto::ConsumerStat) -> u64| -> Vec<(String, u64)> {
+        streams
+            .iter()
+            .flat_map(|st| {
+                st.consumers.iter().map(move |c| {
+                    (
+                        format!(
+                            "{{stream=\"{}\",consumer=\"{}\"}}",
+                            escape(&st.name),
+                            escape(&c.name)
+                        ),
+                        f(c),
+                    )
+                })
+            })
+            .collect()
+    };
+    metric(
+        "consumer_committed",
+        "gauge",
+        "Every frame before this sequence number is released.",
+        &per_consumer(&|c| c.committed),
+    );
+    metric(
+        "consumer_outstanding",
+        "gauge",
+        "Deliveries held and not released.",
+        &per_consumer(&|c| u64::from(c.outstanding)),
+    );
+    s
+}
+
+/// Serves `GET /metrics` (any path, in fact) over plain HTTP/1.0-style responses.
+pub(crate) async fn serve(listener: TcpListener, shared: Rc<RefCell<Shared>>) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let body = {
+            let sh = shared.borrow();
+            render(
+                &sh.store.stat(),
+                &sh.store.region().stats(),
+                &sh.store.stream_stats(),
+                &sh.io,
+            )
+        };
+        tokio::task::spawn_local(async move {
+            // Read the request head (bounded); the answer does not depend on it.
+            let mut head = [0u8; 4096];
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                stream.read(&mut head),
+            )
+            .await;
+            let response = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        });
+    }
+}
