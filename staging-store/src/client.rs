@@ -258,7 +258,7 @@ impl Client {
         let region = Region::open_fd(
             fd,
             &OpenOptions {
-                prefault: false,
+                prefault: true,
                 ..OpenOptions::default()
             },
         )?;
@@ -619,6 +619,11 @@ impl Client {
     /// Drops a reference (and acknowledges a subscription's frame), waiting for the answer.
     pub async fn release(&self, reference: u64) -> Result<(), ClientError> {
         self.call(Body::Release(reference)).await.map(drop)
+    }
+
+    /// Gives up a grant without waiting for the answer.
+    pub fn abort_nowait(&self, grant: &Grant) -> Result<(), ClientError> {
+        self.send(Body::Abort(grant.object), false).map(drop)
     }
 
     /// Drops a reference without waiting for the answer (errors are reported as notices).

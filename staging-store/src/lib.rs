@@ -1,6 +1,48 @@
-//! staging-store (under construction).
+//! staging-store: a server that owns a staging region and refcounts video frames between
+//! pipeline operators, so a producer and its consumers never depend on each other's liveness.
+//!
+//! ```text
+//!  producer (decoder)                 staging-store (one thread)               consumers
+//!  ┌──────────────────┐  create   ┌───────────────────────────────┐  deliver  ┌────────────┐
+//!  │ Client / InPlace │ ────────▶ │ Store: streams, objects, refs │ ────────▶ │ Subscription│
+//!  │ writes pixels in │ ◀─ grant ─│  backpressure, retention,     │  (offset, │  .next()    │
+//!  │ the grant (shm)  │   seal ─▶ │  durable cursors, journal     │   len)    │ read in place│
+//!  │ or PUTs it (tcp) │           └──────────────┬────────────────┘ ◀─release─└────────────┘
+//!  └────────┬─────────┘                          │ owns
+//!           │ shm: memfd mapped by every local client (passed with the welcome)
+//!           ▼                                    ▼
+//!  ═════════════════════ staging region (capnp_rdma::Region): blocks ═══════════════════════
+//!   tcp clients: a data connection carries PUT bytes into grants and DELIVER bytes out
+//! ```
+//!
+//! - [`proto`]: the control protocol (`schemas/store.capnp`), bounds-checked decoding.
+//! - [`store`]: the state machine and its guarantees (what is never lost, what a dying
+//!   client loses, what a full stream does).
+//! - [`server`]: sockets around it; [`metrics`]: the Prometheus endpoint; [`journal`]:
+//!   persistence; [`data`]: the tcp data connection.
+//! - [`client`]: the library operators use; [`in_place`]: zero-copy frame writing over shm.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use staging_store::client::Client;
+//! use staging_store::proto::{Cursor, StreamConfig};
+//!
+//! let client = Client::connect("unix:/tmp/staging-store.sock", "filter").await?;
+//! client.create_stream("cam0", StreamConfig::default(), true).await?;
+//! let mut frames = client.subscribe("cam0", "filter", Cursor::Resume, 4).await?;
+//! while let Ok(frame) = frames.next().await {
+//!     let message = frame.read(&Default::default())?; // in place, bounds-checked
+//!     # let _ = message;
+//!     frame.release().await?; // the cursor moves past it; its blocks may be freed
+//! }
+//! # Ok(()) }
+//! ```
+
+#![deny(unsafe_op_in_unsafe_fn)]
+
 pub mod client;
 pub mod data;
+pub mod in_place;
 pub mod journal;
 pub mod metrics;
 pub mod proto;

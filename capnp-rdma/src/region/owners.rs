@@ -457,7 +457,8 @@ pub(crate) fn adopt(core: &Core, me: u16, first: u64) -> Result<u64, AdoptError>
         if first + entry.blocks > core.geo.block_count {
             return Err(AdoptError::Corrupt("allocation runs past the data area"));
         }
-        if !(first..first + entry.blocks).all(|b| core.bitmap().is_allocated(b)) {
+        let bitmap = core.bitmap();
+        if !(first..first + entry.blocks).all(|b| bitmap.is_allocated(b)) {
             return Err(AdoptError::Corrupt(
                 "the bitmap marks blocks of the allocation free",
             ));

@@ -46,6 +46,9 @@ enum Command {
     /// Carry frames producer → store → consumer through the staging store (shm, tcp) and
     /// through Redis, measured in the same run.
     Store(store::Args),
+    /// A staging store server for `store` (started by it; stops when its stdin closes).
+    #[command(hide = true)]
+    StoreServer(store::ServerArgs),
 }
 
 fn main() -> ExitCode {
@@ -54,6 +57,7 @@ fn main() -> ExitCode {
         Command::Roundtrip(args) => roundtrip::run(&args).map_err(Into::into),
         Command::Transport(args) => transport::run(&args).map_err(Into::into),
         Command::Store(args) => store::run(&args).map_err(Into::into),
+        Command::StoreServer(args) => store::serve(&args).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -264,6 +264,25 @@ impl Measured {
             latency: Stats::from_samples(&receipts.samples_ns),
         })
     }
+
+    /// A `control` run: `ops` operations in `elapsed`; `samples_ns` are the latencies of its
+    /// cycles (create, seal, get, release).
+    pub(crate) fn control(
+        ops: u64,
+        elapsed: Duration,
+        cpu: Duration,
+        server_cpu: Option<Duration>,
+        samples_ns: &[u64],
+    ) -> Self {
+        Self {
+            frames: ops,
+            warmup: 0,
+            elapsed,
+            cpu,
+            server_cpu,
+            latency: Stats::from_samples(samples_ns),
+        }
+    }
 }
 
 /// CPU time (user + system, all threads) process `pid` has used so far, from

@@ -36,6 +36,8 @@ mod report;
 mod resp;
 mod staging;
 
+pub(crate) use staging::{serve, ServerArgs};
+
 use crate::roundtrip::FrameSize;
 use capnp_rdma::framing::FramingError;
 use capnp_rdma::RegionError;

@@ -1,37 +1,396 @@
-//! The staging store's systems: ENTRY POINTS FOR THE LEAD TO FILL.
+//! The staging store's systems: `control`, `store-shm`, `store-tcp`.
 //!
-//! Each function gets the [`Case`] of one (system, frame) and returns what it measured, like
-//! [`super::redis::run_redis`]: start the store (a process of its own, or in this one), run a
-//! producer and a consumer that carry `case.plan`'s frames with at most `case.in_flight` in
-//! flight, stamp frame `i` into plane 0 ([`super::frames::FrameTemplate::stamp`]), check each
-//! one in place on the consumer ([`super::frames::FrameTemplate::check`], full when
-//! [`super::flow::Flow::full_check`]), and time them with [`super::flow::Flow`] /
-//! [`super::flow::Receipts`] (pass the store server's pid to `Flow::new` to get its CPU time).
+//! The store runs as a process of its own (this binary re-executed as the hidden
+//! `frame-bench store-server`, on a current-thread runtime: one core), so its CPU time is
+//! measured apart, as Redis's is. The producer and the consumer are clients in this process:
 //!
-//! Until a system is built its function returns [`StoreBenchError::NotBuilt`]: the run skips
-//! it with a note on stderr and reports no numbers for it.
+//! ```text
+//!  store-shm  producer: create(stream, len) ─▶ grant in the shared region; copy the framed
+//!                       message into it (the frame's one copy: as a decoder's output landing
+//!                       in the grant), stamp i, seal
+//!             consumer: delivery (offset, len) ─▶ read_frame + check in place (no copy) ─▶ release
+//!  store-tcp  producer: create ─▶ PUT header + bytes on the data connection (the store reads
+//!                       them straight into the grant) ─▶ seal
+//!             consumer: DELIVER header + bytes on the data connection into aligned memory ─▶
+//!                       check ─▶ release
+//!  control    tiny framed messages: create, seal, get, release = 4 operations, from many
+//!             tasks at once over one shm connection
+//! ```
+//!
+//! The consumer subscribes as a durable consumer with a window of `in_flight` frames, so the
+//! store holds each frame until the consumer has checked and released it.
 
-use super::flow::Measured;
+use super::flow::{Flow, Measured, Receipts, STALL};
+use super::frames::FrameTemplate;
 use super::{Case, StoreBenchError};
+use capnp::Word;
+use staging_store::client::{Client, ClientError, FrameRef};
+use staging_store::proto::{Cursor, FullPolicy, StreamConfig};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-/// `control`: the store's control path alone (operations that move no pixels), run once per
-/// `frame-bench store` run with the first `--frames` size. `Measured::frames` counts
-/// operations; the report prints ops/s.
-pub(crate) fn run_control(case: &Case) -> Result<Measured, StoreBenchError> {
-    let _ = case;
-    Err(StoreBenchError::NotBuilt("control"))
+/// Flags of the hidden `frame-bench store-server`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ServerArgs {
+    /// Unix socket to listen on.
+    #[arg(long)]
+    unix: std::path::PathBuf,
+    /// Region size in bytes.
+    #[arg(long)]
+    region_bytes: u64,
+    /// Block size in bytes.
+    #[arg(long, default_value_t = 64 << 10)]
+    block_bytes: u64,
+}
+
+/// Runs a store until stdin closes (the benchmark that started it ends or dies).
+pub(crate) fn serve(args: &ServerArgs) -> Result<(), StoreBenchError> {
+    let region = capnp_rdma::Region::create(
+        &capnp_rdma::RegionOptions::memfd(args.region_bytes).block_size(args.block_bytes),
+    )?;
+    let store = staging_store::store::Store::new(region, Default::default(), None);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(StoreBenchError::io("tokio runtime"))?;
+    let local = tokio::task::LocalSet::new();
+    // Ends when the parent closes our stdin (or dies).
+    let (eof_tx, eof_rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+        let _ = eof_tx.send(());
+    });
+    let listen = staging_store::server::Listen {
+        unix: Some(args.unix.clone()),
+        tcp: Some("127.0.0.1:0".parse().expect("a socket address")),
+        data: None,
+        metrics: None,
+    };
+    local
+        .block_on(&runtime, async move {
+            staging_store::server::serve(
+                store,
+                listen,
+                |bound| {
+                    println!(
+                        "ready {} {}",
+                        bound.unix.as_ref().map_or(String::new(), |p| p.display().to_string()),
+                        bound.tcp.map_or(String::new(), |a| a.to_string())
+                    );
+                },
+                async {
+                    let _ = eof_rx.await;
+                },
+            )
+            .await
+        })
+        .map(drop)
+        .map_err(|e| StoreBenchError::io("store server")(std::io::Error::other(e.to_string())))
+}
+
+/// A store server process, stopped when dropped.
+struct StoreProcess {
+    child: Child,
+    unix: String,
+    tcp: String,
+    dir: std::path::PathBuf,
+}
+
+impl StoreProcess {
+    fn start(region_bytes: u64, block_bytes: u64) -> Result<Self, StoreBenchError> {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("frame-bench-store-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(StoreBenchError::io("store temp dir"))?;
+        let exe = std::env::current_exe().map_err(StoreBenchError::io("current_exe"))?;
+        let mut child = Command::new(exe)
+            .args(["store-server", "--unix"])
+            .arg(dir.join("store.sock"))
+            .args(["--region-bytes", &region_bytes.to_string()])
+            .args(["--block-bytes", &block_bytes.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(StoreBenchError::io("starting the store server"))?;
+        let stdout = child.stdout.take().expect("piped");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .map_err(StoreBenchError::io("waiting for the store server"))?;
+        let mut words = line.split_whitespace();
+        let (Some("ready"), Some(unix), Some(tcp)) = (words.next(), words.next(), words.next())
+        else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(StoreBenchError::Setup("the store server did not start"));
+        };
+        Ok(Self {
+            unix: format!("unix:{unix}"),
+            tcp: format!("tcp:{tcp}"),
+            child,
+            dir,
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for StoreProcess {
+    fn drop(&mut self) {
+        // Closing stdin stops it gracefully; kill it if it does not stop.
+        drop(self.child.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                let _ = std::fs::remove_dir_all(&self.dir);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn client_err(what: &'static str) -> impl FnOnce(ClientError) -> StoreBenchError {
+    move |e| StoreBenchError::io(what)(std::io::Error::other(e.to_string()))
+}
+
+fn region_for(case: &Case) -> u64 {
+    // Every frame in flight, twice over, plus room for the scrubber to lag behind.
+    let frame = case.template.wire_len() as u64;
+    (frame * (case.in_flight as u64 * 2 + 8)).max(64 << 20)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, StoreBenchError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(StoreBenchError::io("tokio runtime"))
+}
+
+async fn guarded<T>(
+    flow: &Flow,
+    work: impl std::future::Future<Output = Result<T, StoreBenchError>>,
+) -> Result<T, StoreBenchError> {
+    tokio::select! {
+        result = work => {
+            if result.is_err() {
+                flow.abort();
+            }
+            result
+        }
+        () = flow.aborted() => Err(StoreBenchError::Aborted),
+    }
 }
 
 /// `store-shm`: producer → staging store → consumer, frames handed over in shared memory.
 /// Target: >= 20x Redis frames/s at 1080p.
 pub(crate) fn run_store_shm(case: &Case) -> Result<Measured, StoreBenchError> {
-    let _ = case;
-    Err(StoreBenchError::NotBuilt("store-shm"))
+    run_store(case, true)
 }
 
 /// `store-tcp`: producer → staging store → consumer, frames over loopback TCP.
 /// Target: >= 1.5x Redis frames/s at 1080p.
 pub(crate) fn run_store_tcp(case: &Case) -> Result<Measured, StoreBenchError> {
-    let _ = case;
-    Err(StoreBenchError::NotBuilt("store-tcp"))
+    run_store(case, false)
+}
+
+fn run_store(case: &Case, shm: bool) -> Result<Measured, StoreBenchError> {
+    let server = StoreProcess::start(region_for(case), 64 << 10)?;
+    let addr = if shm { server.unix.clone() } else { server.tcp.clone() };
+    let flow = Flow::new(case.plan, case.in_flight, Some(server.pid()));
+    let template = Arc::clone(&case.template);
+    let in_flight = case.in_flight as u32;
+    let receipts = runtime()?.block_on(async {
+        let producer = Client::connect(&addr, "frame-bench producer")
+            .await
+            .map_err(client_err("connecting the producer"))?;
+        let consumer = Client::connect(&addr, "frame-bench consumer")
+            .await
+            .map_err(client_err("connecting the consumer"))?;
+        producer
+            .create_stream(
+                "bench",
+                StreamConfig {
+                    max_frames: in_flight + 1,
+                    on_full: FullPolicy::Block,
+                    block_timeout_ms: STALL.as_millis() as u32,
+                    ..StreamConfig::default()
+                },
+                false,
+            )
+            .await
+            .map_err(client_err("creating the stream"))?;
+        let subscription = consumer
+            .subscribe("bench", "checker", Cursor::Oldest, in_flight)
+            .await
+            .map_err(client_err("subscribing"))?;
+        let produce = guarded(&flow, produce(&producer, &template, &flow, shm));
+        let consume = guarded(&flow, consume(subscription, &template, &flow));
+        let ((), receipts) = tokio::try_join!(produce, consume)?;
+        Ok::<_, StoreBenchError>(receipts)
+    })?;
+    let measured = Measured::from(&receipts)?;
+    drop(server);
+    Ok(measured)
+}
+
+async fn produce(
+    client: &Client,
+    template: &FrameTemplate,
+    flow: &Flow,
+    shm: bool,
+) -> Result<(), StoreBenchError> {
+    let len = template.wire_len();
+    // tcp: the message to send, stamped in place per frame (as Redis's producer does).
+    let mut message = template.copy();
+    let mut seq = 0u64;
+    loop {
+        let last = flow.admit(seq).await?;
+        flow.started(seq);
+        let stored = if shm {
+            let grant = tokio::time::timeout(STALL, client.create("bench", len as u64))
+                .await
+                .map_err(|_| StoreBenchError::Stalled("the store to grant"))?
+                .map_err(client_err("create"))?;
+            let bytes = client.grant_bytes(&grant).map_err(client_err("grant"))?;
+            bytes[..len].copy_from_slice(template.bytes());
+            template.stamp(&mut bytes[..len], seq)?;
+            client.seal(&grant, grant.offset, len as u64, None).await
+        } else {
+            let bytes = Word::words_to_bytes_mut(&mut message);
+            template.stamp(bytes, seq)?;
+            client.put("bench", &bytes[..len]).await
+        };
+        let sealed = stored.map_err(client_err("seal"))?;
+        if sealed != seq {
+            return Err(StoreBenchError::mismatch(
+                seq,
+                format!("the store sealed it as frame {sealed}"),
+            ));
+        }
+        seq += 1;
+        if last {
+            return Ok(());
+        }
+    }
+}
+
+async fn consume(
+    mut subscription: staging_store::client::Subscription,
+    template: &FrameTemplate,
+    flow: &Arc<Flow>,
+) -> Result<Receipts, StoreBenchError> {
+    let mut receipts = Receipts::new(flow);
+    while !receipts.finished() {
+        let frame: FrameRef = tokio::time::timeout(STALL, subscription.next())
+            .await
+            .map_err(|_| StoreBenchError::Stalled("a delivery"))?
+            .map_err(client_err("delivery"))?;
+        let seq = receipts.next();
+        if frame.seq() != seq {
+            return Err(StoreBenchError::mismatch(
+                seq,
+                format!("frame {} delivered", frame.seq()),
+            ));
+        }
+        template
+            .check(frame.bytes(), seq, flow.full_check(seq))
+            .map_err(|what| StoreBenchError::mismatch(seq, what))?;
+        receipts.checked(seq)?;
+        // Dropping the reference releases it (without waiting for the answer).
+        drop(frame);
+        flow.release();
+    }
+    Ok(receipts)
+}
+
+/// Tiny framed message for `control`.
+fn tiny_message() -> Vec<u8> {
+    let mut message = capnp::message::Builder::new_default();
+    let mut root: capnp_rdma::frame_capnp::frame::Builder<'_> = message.init_root();
+    root.set_sequence(1);
+    capnp::serialize::write_message_to_words(&message)
+}
+
+/// `control`: the store's control path alone (operations that move no pixels), run once per
+/// `frame-bench store` run. `Measured::frames` counts operations; the report prints ops/s.
+pub(crate) fn run_control(case: &Case) -> Result<Measured, StoreBenchError> {
+    const TASKS: usize = 64;
+    const RETAIN: u32 = 4096;
+    let server = StoreProcess::start(512 << 20, 4 << 10)?;
+    let quick = case.plan.check_all;
+    let per_task: u64 = if quick { 50 } else { 2500 };
+    let pid = server.pid();
+    let addr = server.unix.clone();
+    let tiny = tiny_message();
+    let (ops, elapsed, cpu, server_cpu, samples) = runtime()?.block_on(async {
+        let client = Client::connect(&addr, "frame-bench control")
+            .await
+            .map_err(client_err("connecting"))?;
+        client
+            .create_stream(
+                "control",
+                StreamConfig {
+                    retain_frames: RETAIN,
+                    max_frames: RETAIN * 2,
+                    ..StreamConfig::default()
+                },
+                false,
+            )
+            .await
+            .map_err(client_err("creating the stream"))?;
+        let cycle = |client: Client, tiny: Vec<u8>| async move {
+            let grant = client.create("control", tiny.len() as u64).await?;
+            client.grant_bytes(&grant)?[..tiny.len()].copy_from_slice(&tiny);
+            let seq = client.seal(&grant, grant.offset, tiny.len() as u64, None).await?;
+            let frame = client.get("control", Some(seq)).await?;
+            frame.release().await?;
+            Ok::<(), ClientError>(())
+        };
+        // Warm up.
+        for _ in 0..200 {
+            cycle(client.clone(), tiny.clone()).await.map_err(client_err("warm-up"))?;
+        }
+        let cpu0 = capnp_rdma_benches::process_cpu_time();
+        let server0 = super::flow::server_cpu_time(pid);
+        let start = Instant::now();
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..TASKS {
+            let (client, tiny) = (client.clone(), tiny.clone());
+            set.spawn(async move {
+                let mut samples = Vec::with_capacity(per_task as usize);
+                for _ in 0..per_task {
+                    let t = Instant::now();
+                    cycle(client.clone(), tiny.clone()).await?;
+                    samples.push(t.elapsed().as_nanos() as u64);
+                }
+                Ok::<Vec<u64>, ClientError>(samples)
+            });
+        }
+        let mut samples = Vec::new();
+        while let Some(done) = set.join_next().await {
+            samples.extend(
+                done.map_err(|e| StoreBenchError::Thread(e.to_string()))?
+                    .map_err(client_err("control cycle"))?,
+            );
+        }
+        let elapsed = start.elapsed();
+        let cpu = capnp_rdma_benches::process_cpu_time().saturating_sub(cpu0);
+        let server_cpu = match (server0, super::flow::server_cpu_time(pid)) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+            _ => None,
+        };
+        Ok::<_, StoreBenchError>((TASKS as u64 * per_task * 4, elapsed, cpu, server_cpu, samples))
+    })?;
+    drop(server);
+    Ok(Measured::control(ops, elapsed, cpu, server_cpu, &samples))
 }
