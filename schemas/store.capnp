@@ -90,6 +90,9 @@ struct CreateStream {
 struct Create {
   stream @0 :Text;
   size @1 :UInt64;
+  # The client overwrites every byte it seals, so the grant need not be zeroed: the store may
+  # hand it blocks of a frame it just freed (skipping a zeroing pass). shm clients only.
+  dirtyOk @2 :Bool;
 }
 
 struct Seal {
@@ -245,6 +248,8 @@ struct StoreStat {
   errors @14 :UInt64;
   recoveredFrames @15 :UInt64;
   corruptFrames @16 :UInt64;
+  # Grants served from a freed frame's blocks without zeroing (`dirtyOk` creates).
+  recycledGrants @17 :UInt64;
 }
 
 struct Response {

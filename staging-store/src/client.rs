@@ -40,9 +40,9 @@
 
 use crate::data::{self, Attach, Put};
 use crate::proto::{
-    self, decode_server_message, encode_request, Body, Cursor, Delivery, Grant, MessageBuf,
-    Reply, Request, ServerMessage, StoreError, StoreStat, StreamConfig, StreamStat, Subscribed,
-    Transport, Welcome,
+    self, decode_server_message, encode_request, Body, Cursor, Delivery, Grant, MessageBuf, Reply,
+    Request, ServerMessage, StoreError, StoreStat, StreamConfig, StreamStat, Subscribed, Transport,
+    Welcome,
 };
 use capnp::message::Reader;
 use capnp_rdma::reader::{read_framed, InPlaceSegments, ReadError, ReadOptions};
@@ -156,7 +156,10 @@ fn parse_addr(addr: &str) -> Result<Addr, ClientError> {
     if addr.starts_with('/') || addr.starts_with('.') {
         return Ok(Addr::Unix(addr.to_owned()));
     }
-    if addr.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+    if addr
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
         return Ok(Addr::Tcp(addr.to_owned()));
     }
     Err(ClientError::BadAddress(addr.to_owned()))
@@ -237,8 +240,8 @@ impl Client {
         let welcome = loop {
             if let Some(m) = buf.next_message() {
                 let bytes = m.map_err(|e| ClientError::Protocol(e.to_string()))?;
-                let message =
-                    decode_server_message(bytes).map_err(|e| ClientError::Protocol(e.to_string()))?;
+                let message = decode_server_message(bytes)
+                    .map_err(|e| ClientError::Protocol(e.to_string()))?;
                 break welcome_of(Some(message))?;
             }
             let (n, fds) = capnp_rdma::fdpass::recv_with_fds(&stream, buf.spare(), 1)
@@ -268,7 +271,15 @@ impl Client {
             ));
         }
         let (read, write) = stream.into_split();
-        Ok(Self::start(read, write, buf, welcome, Transport::Shm, Some(region), None))
+        Ok(Self::start(
+            read,
+            write,
+            buf,
+            welcome,
+            Transport::Shm,
+            Some(region),
+            None,
+        ))
     }
 
     async fn connect_tcp(hostport: &str, name: &str) -> Result<Client, ClientError> {
@@ -373,7 +384,11 @@ impl Client {
         std::mem::take(&mut *self.inner.notices.lock().expect("not poisoned"))
     }
 
-    fn send(&self, body: Body, wait: bool) -> Result<Option<oneshot::Receiver<Result<Reply, StoreError>>>, ClientError> {
+    fn send(
+        &self,
+        body: Body,
+        wait: bool,
+    ) -> Result<Option<oneshot::Receiver<Result<Reply, StoreError>>>, ClientError> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let rx = if wait {
             let (tx, rx) = oneshot::channel();
@@ -422,16 +437,31 @@ impl Client {
 
     /// Deletes a stream.
     pub async fn delete_stream(&self, name: &str) -> Result<(), ClientError> {
-        self.call(Body::DeleteStream(name.to_owned())).await.map(drop)
+        self.call(Body::DeleteStream(name.to_owned()))
+            .await
+            .map(drop)
     }
 
     /// A writable grant of at least `size` bytes for the next frame of `stream` (may wait
     /// for room, as the stream's policy says).
     pub async fn create(&self, stream: &str, size: u64) -> Result<Grant, ClientError> {
+        self.create_with(stream, size, false).await
+    }
+
+    /// Like [`Client::create`]; `dirty_ok`: this client overwrites every byte it will seal, so
+    /// the grant need not be zeroed (the store may reuse a freed frame's blocks as they are,
+    /// which saves zeroing the frame). Honoured for shm clients only.
+    pub async fn create_with(
+        &self,
+        stream: &str,
+        size: u64,
+        dirty_ok: bool,
+    ) -> Result<Grant, ClientError> {
         match self
             .call(Body::Create {
                 stream: stream.to_owned(),
                 size,
+                dirty_ok,
             })
             .await?
         {
@@ -444,12 +474,15 @@ impl Client {
     ///
     /// The grant is this client's alone until sealed or aborted: the store gives its blocks
     /// to nobody else and reads them only at seal.
-    pub fn grant_bytes(&self, grant: &Grant) -> Result<&mut [u8], ClientError> {
-        let region = self
-            .inner
-            .region
-            .as_ref()
-            .ok_or_else(|| ClientError::Grant("grants are writable in place only over shm".into()))?;
+    ///
+    /// # Safety
+    /// At most one slice of a grant may be alive at a time (across every clone of this
+    /// client), and none after the grant is sealed or aborted.
+    #[allow(clippy::mut_from_ref)] // exclusivity is the caller's obligation (# Safety)
+    pub unsafe fn grant_bytes(&self, grant: &Grant) -> Result<&mut [u8], ClientError> {
+        let region = self.inner.region.as_ref().ok_or_else(|| {
+            ClientError::Grant("grants are writable in place only over shm".into())
+        })?;
         region.check_range(grant.offset, grant.len)?;
         // SAFETY: the range lies in the mapping (checked); the store granted it to this
         // session only, and it is not sealed yet, so no one else reads or writes it. Callers
@@ -463,12 +496,16 @@ impl Client {
     }
 
     /// Sends `bytes` into the grant at `at` over the data connection (tcp clients).
-    pub async fn write_grant(&self, grant: &Grant, at: u64, bytes: &[u8]) -> Result<(), ClientError> {
-        let data = self
-            .inner
-            .data
-            .as_ref()
-            .ok_or_else(|| ClientError::Grant("no data connection (shm writes in place)".into()))?;
+    pub async fn write_grant(
+        &self,
+        grant: &Grant,
+        at: u64,
+        bytes: &[u8],
+    ) -> Result<(), ClientError> {
+        let data =
+            self.inner.data.as_ref().ok_or_else(|| {
+                ClientError::Grant("no data connection (shm writes in place)".into())
+            })?;
         let mut w = data.lock().await;
         let header = Put {
             object: grant.object,
@@ -476,8 +513,12 @@ impl Client {
             len: bytes.len() as u64,
         }
         .encode();
-        w.write_all(&header).await.map_err(io_err("writing a PUT header"))?;
-        w.write_all(bytes).await.map_err(io_err("writing frame bytes"))?;
+        w.write_all(&header)
+            .await
+            .map_err(io_err("writing a PUT header"))?;
+        w.write_all(bytes)
+            .await
+            .map_err(io_err("writing frame bytes"))?;
         Ok(())
     }
 
@@ -511,12 +552,20 @@ impl Client {
     /// Writes one framed message (standard Cap'n Proto stream framing) as the stream's next
     /// frame: create, copy into the grant (shm) or send it (tcp), seal. Returns its sequence
     /// number. Builds the checksum when the store or `checksum` asks for one.
-    pub async fn put_with(&self, stream: &str, framed: &[u8], checksum: bool) -> Result<u64, ClientError> {
-        let grant = self.create(stream, framed.len() as u64).await?;
-        let crc = (checksum || self.inner.welcome.checksums).then(|| crate::journal::frame_crc(framed));
+    pub async fn put_with(
+        &self,
+        stream: &str,
+        framed: &[u8],
+        checksum: bool,
+    ) -> Result<u64, ClientError> {
+        // The whole message is copied into the grant: it need not be zeroed first.
+        let grant = self.create_with(stream, framed.len() as u64, true).await?;
+        let crc =
+            (checksum || self.inner.welcome.checksums).then(|| crate::journal::frame_crc(framed));
         let written = match self.inner.transport {
             Transport::Shm => {
-                self.grant_bytes(&grant)?[..framed.len()].copy_from_slice(framed);
+                // SAFETY: the only slice of this fresh grant, dropped before the seal.
+                unsafe { self.grant_bytes(&grant) }?[..framed.len()].copy_from_slice(framed);
                 Ok(())
             }
             Transport::Tcp => self.write_grant(&grant, 0, framed).await,
@@ -525,7 +574,8 @@ impl Client {
             let _ = self.abort(&grant).await;
             return Err(e);
         }
-        self.seal(&grant, grant.offset, framed.len() as u64, crc).await
+        self.seal(&grant, grant.offset, framed.len() as u64, crc)
+            .await
     }
 
     /// [`Client::put_with`] with a checksum only if the store requires one.
@@ -789,23 +839,25 @@ impl Subscription {
             None => self.rx.recv().await.ok_or(ClientError::Closed)?,
         };
         let (delivery, words) = item?;
-        let bytes = match words {
-            Some(words) => Bytes::Owned(words),
-            None => Bytes::Shared(
-                self.client
-                    .inner
-                    .region
-                    .clone()
-                    .ok_or_else(|| ClientError::Protocol("shm delivery without a region".into()))?,
-            ),
-        };
+        let bytes =
+            match words {
+                Some(words) => Bytes::Owned(words),
+                None => Bytes::Shared(self.client.inner.region.clone().ok_or_else(|| {
+                    ClientError::Protocol("shm delivery without a region".into())
+                })?),
+            };
         Ok(FrameRef::new(self.client.clone(), delivery, bytes))
     }
 
     /// Ends the subscription; frames it delivered and that are not released go back to the
     /// stream (a durable consumer gets them again when it resumes).
     pub async fn close(self) -> Result<(), ClientError> {
-        self.client.inner.subscriptions.lock().expect("not poisoned").remove(&self.id);
+        self.client
+            .inner
+            .subscriptions
+            .lock()
+            .expect("not poisoned")
+            .remove(&self.id);
         self.client.call(Body::Unsubscribe(self.id)).await.map(drop)
     }
 }
@@ -821,7 +873,9 @@ pub struct FrameRef {
 
 impl std::fmt::Debug for FrameRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FrameRef").field("delivery", &self.delivery).finish()
+        f.debug_struct("FrameRef")
+            .field("delivery", &self.delivery)
+            .finish()
     }
 }
 
@@ -848,10 +902,11 @@ impl FrameRef {
     /// The frame: one Cap'n Proto message in standard stream framing.
     pub fn bytes(&self) -> &[u8] {
         match &self.bytes {
-            // SAFETY: the frame is sealed (nobody writes it) and this reference keeps its
-            // blocks allocated until it is released, which consumes or drops `self`.
-            Bytes::Shared(region) => unsafe { region.bytes(self.delivery.offset, self.delivery.len) }
-                .unwrap_or_default(),
+            Bytes::Shared(region) => {
+                // SAFETY: the frame is sealed (nobody writes it) and this reference keeps its
+                // blocks allocated until it is released, which consumes or drops `self`.
+                unsafe { region.bytes(self.delivery.offset, self.delivery.len) }.unwrap_or_default()
+            }
             Bytes::Owned(words) => {
                 &capnp::Word::words_to_bytes(words)[..self.delivery.len as usize]
             }

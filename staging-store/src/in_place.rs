@@ -35,7 +35,9 @@ pub struct InPlace {
 
 impl std::fmt::Debug for InPlace {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("InPlace").field("grant", &self.grant).finish()
+        f.debug_struct("InPlace")
+            .field("grant", &self.grant)
+            .finish()
     }
 }
 

@@ -82,7 +82,11 @@ enum Command {
 #[derive(Debug, Args)]
 struct StoreAddr {
     /// The store: `unix:PATH` or a path (same host, shm), `tcp:HOST:PORT` or `HOST:PORT`.
-    #[arg(long, env = "STAGING_STORE_ADDR", default_value = "unix:/tmp/staging-store.sock")]
+    #[arg(
+        long,
+        env = "STAGING_STORE_ADDR",
+        default_value = "unix:/tmp/staging-store.sock"
+    )]
     store: String,
 }
 
@@ -285,7 +289,9 @@ fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (n, unit) = s.split_at(digits);
-    let n: u64 = n.parse().map_err(|_| format!("{s:?} is not a size like 64KiB"))?;
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 64KiB"))?;
     let mult: u64 = match unit.trim() {
         "" | "B" => 1,
         "K" | "KiB" | "k" => 1 << 10,
@@ -294,7 +300,8 @@ fn parse_size(s: &str) -> Result<u64, String> {
         "T" | "TiB" => 1 << 40,
         other => return Err(format!("unknown size unit {other:?} (use KiB, MiB, GiB)")),
     };
-    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 fn parse_cursor(s: &str) -> Result<Cursor, String> {
@@ -317,7 +324,10 @@ fn parse_stream_spec(s: &str) -> Result<(String, StreamConfig), String> {
     };
     for kv in rest.split(',').filter(|kv| !kv.is_empty()) {
         let (k, v) = kv.split_once('=').unwrap_or((kv, "true"));
-        let num = |v: &str| v.parse::<u32>().map_err(|_| format!("{k}={v}: not a number"));
+        let num = |v: &str| {
+            v.parse::<u32>()
+                .map_err(|_| format!("{k}={v}: not a number"))
+        };
         match k {
             "max-frames" => c.max_frames = num(v)?,
             "max-bytes" => c.max_bytes = parse_size(v)?,
@@ -383,8 +393,10 @@ fn main() -> ExitCode {
 fn serve(args: ServeArgs) -> Result<(), MainError> {
     let file: FileConfig = match &args.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(io(format!("reading {}", path.display())))?;
-            toml::from_str(&text).map_err(|e| MainError::Usage(format!("{}: {e}", path.display())))?
+            let text =
+                std::fs::read_to_string(path).map_err(io(format!("reading {}", path.display())))?;
+            toml::from_str(&text)
+                .map_err(|e| MainError::Usage(format!("{}: {e}", path.display())))?
         }
         None => FileConfig::default(),
     };
@@ -392,19 +404,23 @@ fn serve(args: ServeArgs) -> Result<(), MainError> {
         .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
         .with_writer(std::io::stderr)
         .init();
-    let size_of = |flag: Option<u64>, file: &Option<String>, default: u64| -> Result<u64, MainError> {
-        match (flag, file) {
-            (Some(v), _) => Ok(v),
-            (None, Some(s)) => parse_size(s).map_err(MainError::Usage),
-            (None, None) => Ok(default),
-        }
-    };
+    let size_of =
+        |flag: Option<u64>, file: &Option<String>, default: u64| -> Result<u64, MainError> {
+            match (flag, file) {
+                (Some(v), _) => Ok(v),
+                (None, Some(s)) => parse_size(s).map_err(MainError::Usage),
+                (None, None) => Ok(default),
+            }
+        };
     let region_size = size_of(args.region_size, &file.region_size, 1 << 30)?;
     let block_size = size_of(args.block_size, &file.block_size, 64 << 10)?;
     let unix = args.unix.or(file.unix);
     let tcp = args.tcp.or(file.tcp);
     let listen = Listen {
-        unix: unix.clone().or_else(|| tcp.is_none().then(|| PathBuf::from("/tmp/staging-store.sock"))),
+        unix: unix.clone().or_else(|| {
+            tcp.is_none()
+                .then(|| PathBuf::from("/tmp/staging-store.sock"))
+        }),
         tcp,
         data: args.data.or(file.data),
         metrics: args.metrics.or(file.metrics),
@@ -527,8 +543,9 @@ fn serve(args: ServeArgs) -> Result<(), MainError> {
     let local = tokio::task::LocalSet::new();
     let stat = local.block_on(&runtime, async move {
         let shutdown = async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("installing a SIGTERM handler");
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("installing a SIGTERM handler");
             tokio::select! {
                 _ = term.recv() => {}
                 _ = tokio::signal::ctrl_c() => {}
@@ -541,7 +558,10 @@ fn serve(args: ServeArgs) -> Result<(), MainError> {
                 // One line on stdout for scripts and tests to wait on.
                 println!(
                     "staging-store ready unix={} tcp={} data={} metrics={}",
-                    bound.unix.as_ref().map_or("-".into(), |p| p.display().to_string()),
+                    bound
+                        .unix
+                        .as_ref()
+                        .map_or("-".into(), |p| p.display().to_string()),
                     bound.tcp.map_or("-".into(), |a| a.to_string()),
                     bound.data.map_or("-".into(), |a| a.to_string()),
                     bound.metrics.map_or("-".into(), |a| a.to_string()),

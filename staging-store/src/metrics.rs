@@ -38,11 +38,36 @@ pub fn render(
         }
     };
     let one = |v: u64| vec![(String::new(), v)];
-    metric("region_bytes", "gauge", "Size of the staging region.", &one(stat.region_bytes));
-    metric("block_bytes", "gauge", "Block size.", &one(stat.block_bytes));
-    metric("blocks_total", "gauge", "Blocks in the region.", &one(stat.blocks_total));
-    metric("blocks_in_use", "gauge", "Blocks allocated.", &one(region.blocks_in_use));
-    metric("bytes_in_use", "gauge", "Bytes of allocated blocks.", &one(region.bytes_in_use));
+    metric(
+        "region_bytes",
+        "gauge",
+        "Size of the staging region.",
+        &one(stat.region_bytes),
+    );
+    metric(
+        "block_bytes",
+        "gauge",
+        "Block size.",
+        &one(stat.block_bytes),
+    );
+    metric(
+        "blocks_total",
+        "gauge",
+        "Blocks in the region.",
+        &one(stat.blocks_total),
+    );
+    metric(
+        "blocks_in_use",
+        "gauge",
+        "Blocks allocated.",
+        &one(region.blocks_in_use),
+    );
+    metric(
+        "bytes_in_use",
+        "gauge",
+        "Bytes of allocated blocks.",
+        &one(region.bytes_in_use),
+    );
     metric(
         "scrub_pending_bytes",
         "gauge",
@@ -55,14 +80,44 @@ pub fn render(
         "Bytes zeroed by the background scrubber.",
         &one(region.scrubbed_bytes),
     );
-    metric("objects", "gauge", "Grants and frames alive.", &one(stat.objects));
-    metric("sessions", "gauge", "Connected clients.", &one(u64::from(stat.sessions)));
-    metric("streams", "gauge", "Streams.", &one(u64::from(stat.streams)));
-    metric("creates_total", "counter", "Grants handed out.", &one(stat.creates));
+    metric(
+        "objects",
+        "gauge",
+        "Grants and frames alive.",
+        &one(stat.objects),
+    );
+    metric(
+        "sessions",
+        "gauge",
+        "Connected clients.",
+        &one(u64::from(stat.sessions)),
+    );
+    metric(
+        "streams",
+        "gauge",
+        "Streams.",
+        &one(u64::from(stat.streams)),
+    );
+    metric(
+        "creates_total",
+        "counter",
+        "Grants handed out.",
+        &one(stat.creates),
+    );
     metric("seals_total", "counter", "Frames sealed.", &one(stat.seals));
     metric("gets_total", "counter", "Gets answered.", &one(stat.gets));
-    metric("deliveries_total", "counter", "Subscription deliveries.", &one(stat.deliveries));
-    metric("releases_total", "counter", "References released by clients.", &one(stat.releases));
+    metric(
+        "deliveries_total",
+        "counter",
+        "Subscription deliveries.",
+        &one(stat.deliveries),
+    );
+    metric(
+        "releases_total",
+        "counter",
+        "References released by clients.",
+        &one(stat.releases),
+    );
     metric(
         "reclaimed_references_total",
         "counter",
@@ -75,7 +130,12 @@ pub fn render(
         "Grants never sealed (aborted or writer gone).",
         &one(stat.aborted_writes),
     );
-    metric("errors_total", "counter", "Requests that failed.", &one(stat.errors));
+    metric(
+        "errors_total",
+        "counter",
+        "Requests that failed.",
+        &one(stat.errors),
+    );
     metric(
         "recovered_frames_total",
         "counter",
@@ -88,14 +148,30 @@ pub fn render(
         "Frames found corrupt at recovery.",
         &one(stat.corrupt_frames),
     );
-    metric("connections_total", "counter", "Control connections.", &one(io.connections));
+    metric(
+        "recycled_grants_total",
+        "counter",
+        "Grants served from a freed frame's blocks without zeroing.",
+        &one(stat.recycled_grants),
+    );
+    metric(
+        "connections_total",
+        "counter",
+        "Control connections.",
+        &one(io.connections),
+    );
     metric(
         "protocol_errors_total",
         "counter",
         "Connections closed for protocol errors.",
         &one(io.protocol_errors),
     );
-    metric("requests_total", "counter", "Control requests.", &one(io.requests));
+    metric(
+        "requests_total",
+        "counter",
+        "Control requests.",
+        &one(io.requests),
+    );
     metric(
         "data_bytes_in_total",
         "counter",
@@ -120,8 +196,18 @@ pub fn render(
             .map(|st| (format!("{{stream=\"{}\"}}", escape(&st.name)), f(st)))
             .collect()
     };
-    metric("stream_frames", "gauge", "Frames retained.", &per_stream(&|s| u64::from(s.frames)));
-    metric("stream_bytes", "gauge", "Bytes of frames retained.", &per_stream(&|s| s.bytes));
+    metric(
+        "stream_frames",
+        "gauge",
+        "Frames retained.",
+        &per_stream(&|s| u64::from(s.frames)),
+    );
+    metric(
+        "stream_bytes",
+        "gauge",
+        "Bytes of frames retained.",
+        &per_stream(&|s| s.bytes),
+    );
     metric(
         "stream_unconsumed_frames",
         "gauge",
@@ -208,11 +294,8 @@ pub(crate) async fn serve(listener: TcpListener, shared: Rc<RefCell<Shared>>) {
         tokio::task::spawn_local(async move {
             // Read the request head (bounded); the answer does not depend on it.
             let mut head = [0u8; 4096];
-            let _ = tokio::time::timeout(
-                std::time::Duration::from_secs(2),
-                stream.read(&mut head),
-            )
-            .await;
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), stream.read(&mut head))
+                .await;
             let response = format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()

@@ -135,6 +135,8 @@ pub enum Body {
         stream: String,
         /// Bytes needed.
         size: u64,
+        /// The grant need not be zeroed (the client overwrites what it seals; shm only).
+        dirty_ok: bool,
     },
     /// Makes a grant's bytes readable.
     Seal {
@@ -457,6 +459,8 @@ pub struct StoreStat {
     pub recovered_frames: u64,
     /// Frames found corrupt at recovery and dropped.
     pub corrupt_frames: u64,
+    /// Grants served from a freed frame's blocks without zeroing.
+    pub recycled_grants: u64,
 }
 
 /// A successful answer.
@@ -637,6 +641,7 @@ pub fn decode_request(bytes: &[u8]) -> Result<Request, ProtoError> {
             Body::Create {
                 stream: name(c.get_stream()?)?,
                 size: c.get_size(),
+                dirty_ok: c.get_dirty_ok(),
             }
         }
         W::Seal(s) => {
@@ -721,10 +726,15 @@ pub fn encode_request(request: &Request, out: &mut Vec<u8>) {
             c.set_exist_ok(*exist_ok);
         }
         Body::DeleteStream(name) => root.set_delete_stream(name.as_str()),
-        Body::Create { stream, size } => {
+        Body::Create {
+            stream,
+            size,
+            dirty_ok,
+        } => {
             let mut c = root.init_create();
             c.set_stream(stream.as_str());
             c.set_size(*size);
+            c.set_dirty_ok(*dirty_ok);
         }
         Body::Seal {
             object,
@@ -893,6 +903,7 @@ fn store_stat_to(s: &StoreStat, mut b: schema::store_stat::Builder<'_>) {
     b.set_errors(s.errors);
     b.set_recovered_frames(s.recovered_frames);
     b.set_corrupt_frames(s.corrupt_frames);
+    b.set_recycled_grants(s.recycled_grants);
 }
 
 fn store_stat_from(r: schema::store_stat::Reader<'_>) -> StoreStat {
@@ -914,6 +925,7 @@ fn store_stat_from(r: schema::store_stat::Reader<'_>) -> StoreStat {
         errors: r.get_errors(),
         recovered_frames: r.get_recovered_frames(),
         corrupt_frames: r.get_corrupt_frames(),
+        recycled_grants: r.get_recycled_grants(),
     }
 }
 
@@ -1238,6 +1250,7 @@ mod tests {
             Body::Create {
                 stream: "cam0".into(),
                 size: 3 << 20,
+                dirty_ok: true,
             },
             Body::Seal {
                 object: 7,

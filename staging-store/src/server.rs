@@ -246,14 +246,14 @@ pub async fn serve(
     ready: impl FnOnce(&Bound),
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<StoreStat, ServeError> {
-    let bind = |what: &'static str, addr: String| {
-        move |source| ServeError::Bind { what, addr, source }
-    };
+    let bind =
+        |what: &'static str, addr: String| move |source| ServeError::Bind { what, addr, source };
     let mut bound = Bound::default();
     let unix = match &listen.unix {
         Some(path) => {
             let _ = std::fs::remove_file(path);
-            let l = UnixListener::bind(path).map_err(bind("unix socket", path.display().to_string()))?;
+            let l = UnixListener::bind(path)
+                .map_err(bind("unix socket", path.display().to_string()))?;
             bound.unix = Some(path.clone());
             Some(l)
         }
@@ -269,7 +269,10 @@ pub async fn serve(
         }
         None => None,
     };
-    let data = match listen.data.or_else(|| listen.tcp.map(|a| SocketAddr::new(a.ip(), 0))) {
+    let data = match listen
+        .data
+        .or_else(|| listen.tcp.map(|a| SocketAddr::new(a.ip(), 0)))
+    {
         Some(addr) => {
             let l = TcpListener::bind(addr)
                 .await
@@ -309,7 +312,11 @@ pub async fn serve(
             loop {
                 match l.accept().await {
                     Ok((s, _)) => {
-                        tokio::task::spawn_local(control_conn(Rc::clone(&shared), Sock::Unix(s), true));
+                        tokio::task::spawn_local(control_conn(
+                            Rc::clone(&shared),
+                            Sock::Unix(s),
+                            true,
+                        ));
                     }
                     Err(e) => tracing::warn!(error = %e, "unix accept"),
                 }
@@ -323,7 +330,11 @@ pub async fn serve(
                 match l.accept().await {
                     Ok((s, _)) => {
                         let _ = s.set_nodelay(true);
-                        tokio::task::spawn_local(control_conn(Rc::clone(&shared), Sock::Tcp(s), false));
+                        tokio::task::spawn_local(control_conn(
+                            Rc::clone(&shared),
+                            Sock::Tcp(s),
+                            false,
+                        ));
                     }
                     Err(e) => tracing::warn!(error = %e, "tcp accept"),
                 }

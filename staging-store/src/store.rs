@@ -31,8 +31,8 @@
 use crate::journal::{self, Journal, Record};
 use crate::proto::{
     Body, ConsumerStat, Cursor, Delivery, ErrorCode, FullPolicy, Grant, Reply, Request, Response,
-    ServerMessage, StoreError, StoreStat, StreamConfig, StreamStat, Subscribed, Transport,
-    Welcome, VERSION,
+    ServerMessage, StoreError, StoreStat, StreamConfig, StreamStat, Subscribed, Transport, Welcome,
+    VERSION,
 };
 use capnp_rdma::reader::SegmentTable;
 use capnp_rdma::{BlockLease, Region, RegionError};
@@ -147,6 +147,7 @@ struct Parked {
     session: SessionId,
     request: u64,
     size: u64,
+    dirty_ok: bool,
     deadline: Instant,
 }
 
@@ -258,6 +259,43 @@ pub struct Store {
     waiting: BTreeSet<String>,
     stat: StoreStat,
     closed: bool,
+    recycled: Recycled,
+}
+
+/// Blocks of freed frames kept un-zeroed for `dirtyOk` creates of the same size: a producer
+/// that overwrites its whole frame does not pay for zeroing (the region's scrubber would
+/// otherwise clear every freed frame before its blocks can be granted again).
+#[derive(Default)]
+struct Recycled {
+    by_len: HashMap<u64, Vec<BlockLease>>,
+    bytes: u64,
+    reused: u64,
+}
+
+impl Recycled {
+    fn take(&mut self, size: u64, block: u64) -> Option<BlockLease> {
+        let len = size.max(1).div_ceil(block) * block;
+        let lease = self.by_len.get_mut(&len)?.pop()?;
+        self.bytes -= lease.len();
+        self.reused += 1;
+        Some(lease)
+    }
+
+    fn put(&mut self, lease: BlockLease, cap: u64) {
+        if self.bytes + lease.len() <= cap {
+            self.bytes += lease.len();
+            self.by_len.entry(lease.len()).or_default().push(lease);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.bytes == 0
+    }
+
+    fn clear(&mut self) {
+        self.by_len.clear();
+        self.bytes = 0;
+    }
 }
 
 fn err(code: ErrorCode, message: impl Into<String>) -> StoreError {
@@ -311,6 +349,7 @@ impl Store {
             waiting: BTreeSet::new(),
             stat,
             closed: false,
+            recycled: Recycled::default(),
         }
     }
 
@@ -336,8 +375,9 @@ impl Store {
         for record in records {
             match record {
                 Record::StreamCreated { name, config } => {
-                    let config = crate::proto::decode_config(&config)
-                        .map_err(|e| RecoverError::Journal(format!("stream {name:?} config: {e}")))?;
+                    let config = crate::proto::decode_config(&config).map_err(|e| {
+                        RecoverError::Journal(format!("stream {name:?} config: {e}"))
+                    })?;
                     folded.insert(
                         name,
                         Folded {
@@ -351,7 +391,9 @@ impl Store {
                 Record::StreamDeleted { name } => {
                     folded.remove(&name);
                 }
-                Record::Sealed { ref stream, seq, .. } => {
+                Record::Sealed {
+                    ref stream, seq, ..
+                } => {
                     if let Some(f) = folded.get_mut(stream) {
                         f.next_seq = f.next_seq.max(seq + 1);
                         f.frames.insert(seq, record);
@@ -490,7 +532,11 @@ impl Store {
                 "CRC-32C {actual:#010x}, the journal says {crc32c:#010x}"
             ));
         }
-        if SegmentTable::parse(data, 512).map(|t| t.message_bytes()).ok() != Some(data_len) {
+        if SegmentTable::parse(data, 512)
+            .map(|t| t.message_bytes())
+            .ok()
+            != Some(data_len)
+        {
             return Err("the bytes are not one framed message".into());
         }
         Ok(lease)
@@ -522,13 +568,15 @@ impl Store {
                 }
             }
             for (_, obj) in self.objects.drain() {
-                if let (State::Sealed { .. }, Ok(lease)) = (&obj.state, Arc::try_unwrap(obj.lease)) {
+                if let (State::Sealed { .. }, Ok(lease)) = (&obj.state, Arc::try_unwrap(obj.lease))
+                {
                     lease.keep();
                 }
             }
         }
         self.streams.clear();
         self.objects.clear();
+        self.recycled.clear();
         stat
     }
 
@@ -597,6 +645,7 @@ impl Store {
         stat.objects = self.objects.len() as u64;
         stat.sessions = self.sessions.len() as u32;
         stat.streams = self.streams.len() as u32;
+        stat.recycled_grants = self.recycled.reused;
         stat
     }
 
@@ -686,7 +735,13 @@ impl Store {
     }
 
     /// Handles one request; what to send goes to `out` (nothing yet for a create that waits).
-    pub fn handle(&mut self, session: SessionId, request: Request, now: Instant, out: &mut Vec<Out>) {
+    pub fn handle(
+        &mut self,
+        session: SessionId,
+        request: Request,
+        now: Instant,
+        out: &mut Vec<Out>,
+    ) {
         let id = request.id;
         // The response goes before whatever the request caused (deliveries, other sessions'
         // grants), so a client sees `subscribed` before the subscription's first frame.
@@ -724,7 +779,12 @@ impl Store {
             (Body::Hello { .. }, Some(_)) => {
                 return Err(err(ErrorCode::BadRequest, "hello was already said"))
             }
-            (_, None) => return Err(err(ErrorCode::BadRequest, "the first request must be hello")),
+            (_, None) => {
+                return Err(err(
+                    ErrorCode::BadRequest,
+                    "the first request must be hello",
+                ))
+            }
             _ => {}
         }
         match request.body {
@@ -739,7 +799,11 @@ impl Store {
                 exist_ok,
             } => self.create_stream(name, config, exist_ok).map(Some),
             Body::DeleteStream(name) => self.delete_stream(&name, out).map(Some),
-            Body::Create { stream, size } => self.create(session, request.id, stream, size, now),
+            Body::Create {
+                stream,
+                size,
+                dirty_ok,
+            } => self.create(session, request.id, stream, size, dirty_ok, now),
             body @ Body::Seal { .. } => self.seal(session, request.id, body, out),
             Body::Abort(object) => self.abort(session, object, out).map(Some),
             Body::Subscribe {
@@ -792,7 +856,10 @@ impl Store {
                 format!("protocol version {version}; this store speaks {VERSION}"),
             ));
         }
-        let s = self.sessions.get_mut(&session).expect("checked by dispatch");
+        let s = self
+            .sessions
+            .get_mut(&session)
+            .expect("checked by dispatch");
         if transport == Transport::Shm && !s.local {
             return Err(err(
                 ErrorCode::Unsupported,
@@ -844,7 +911,10 @@ impl Store {
             return if exist_ok {
                 Ok(Reply::Ok)
             } else {
-                Err(err(ErrorCode::StreamExists, format!("stream {name:?} exists")))
+                Err(err(
+                    ErrorCode::StreamExists,
+                    format!("stream {name:?} exists"),
+                ))
             };
         }
         if self.streams.len() >= MAX_STREAMS {
@@ -867,10 +937,16 @@ impl Store {
             name: name.to_owned(),
         })?;
         let stream = &self.streams[name];
-        let attached: Vec<(SessionId, u32)> =
-            stream.consumers.values().filter_map(|c| c.attached).collect();
-        let parked: Vec<(SessionId, u64)> =
-            stream.parked.iter().map(|p| (p.session, p.request)).collect();
+        let attached: Vec<(SessionId, u32)> = stream
+            .consumers
+            .values()
+            .filter_map(|c| c.attached)
+            .collect();
+        let parked: Vec<(SessionId, u64)> = stream
+            .parked
+            .iter()
+            .map(|p| (p.session, p.request))
+            .collect();
         for (session, sub) in attached {
             self.end_subscription(session, sub, out);
             out.push(Out::Message(
@@ -904,10 +980,19 @@ impl Store {
         request: u64,
         stream_name: String,
         size: u64,
+        dirty_ok: bool,
         now: Instant,
     ) -> Result<Option<Reply>, StoreError> {
+        let dirty_ok = dirty_ok
+            && self
+                .sessions
+                .get(&session)
+                .is_some_and(|s| s.transport == Some(Transport::Shm));
         let Some(stream) = self.streams.get_mut(&stream_name) else {
-            return Err(err(ErrorCode::UnknownStream, format!("no stream {stream_name:?}")));
+            return Err(err(
+                ErrorCode::UnknownStream,
+                format!("no stream {stream_name:?}"),
+            ));
         };
         let data_bytes = self.region.geometry().block_count * self.region.block_size();
         if size == 0
@@ -925,14 +1010,14 @@ impl Store {
         }
         // Creates that wait keep their order: a new one queues behind them.
         if !stream.parked.is_empty() {
-            return self.park(session, request, stream_name, size, now);
+            return self.park(session, request, stream_name, size, dirty_ok, now);
         }
-        match self.try_create(session, &stream_name, size) {
+        match self.try_create(session, &stream_name, size, dirty_ok) {
             Ok(grant) => Ok(Some(Reply::Granted(grant))),
             Err(e) if matches!(e.code, ErrorCode::StreamFull | ErrorCode::RegionFull) => {
                 let stream = self.streams.get_mut(&stream_name).expect("exists");
                 if stream.config.on_full == FullPolicy::Block {
-                    self.park(session, request, stream_name, size, now)
+                    self.park(session, request, stream_name, size, dirty_ok, now)
                 } else {
                     stream.rejected_creates += 1;
                     Err(e)
@@ -948,6 +1033,7 @@ impl Store {
         request: u64,
         stream_name: String,
         size: u64,
+        dirty_ok: bool,
         now: Instant,
     ) -> Result<Option<Reply>, StoreError> {
         let stream = self.streams.get_mut(&stream_name).expect("exists");
@@ -957,6 +1043,7 @@ impl Store {
             session,
             request,
             size,
+            dirty_ok,
             deadline,
         });
         self.waiting.insert(stream_name);
@@ -969,6 +1056,7 @@ impl Store {
         session: SessionId,
         stream_name: &str,
         size: u64,
+        dirty_ok: bool,
     ) -> Result<Grant, StoreError> {
         let stream = self.streams.get_mut(stream_name).expect("exists");
         if stream.is_full(size) {
@@ -988,8 +1076,19 @@ impl Store {
                 ));
             }
         }
-        let lease = match self.region.lease(size) {
+        let recycled = if dirty_ok {
+            self.recycled.take(size, self.region.block_size())
+        } else {
+            None
+        };
+        let lease = match recycled.map_or_else(|| self.region.lease(size), Ok) {
             Ok(lease) => lease,
+            Err(RegionError::Exhausted { .. }) if !self.recycled.is_empty() => {
+                // Room is parked in recycled blocks: give them back to the region (zeroed by
+                // its scrubber) and let the caller wait for them.
+                self.recycled.clear();
+                return Err(err(ErrorCode::RegionFull, "the region is being scrubbed"));
+            }
             Err(RegionError::Exhausted { .. }) => {
                 let stats = self.region.stats();
                 return Err(err(
@@ -1010,9 +1109,10 @@ impl Store {
             offset: lease.offset(),
             len: lease.len(),
         };
-        let local = self.sessions.get(&session).is_some_and(|s| {
-            s.transport == Some(Transport::Shm)
-        });
+        let local = self
+            .sessions
+            .get(&session)
+            .is_some_and(|s| s.transport == Some(Transport::Shm));
         let stream = self.streams.get_mut(stream_name).expect("exists");
         stream.writing += 1;
         stream.writing_bytes += lease.len();
@@ -1112,7 +1212,10 @@ impl Store {
             if *putting || offset + len > lease_offset + *landed_end {
                 // A tcp seal that overtook its bytes: answered when they land.
                 if pending_seal.is_some() {
-                    return Err(err(ErrorCode::BadRequest, "object already has a seal pending"));
+                    return Err(err(
+                        ErrorCode::BadRequest,
+                        "object already has a seal pending",
+                    ));
                 }
                 *pending_seal = Some((request, body));
                 return Ok(None);
@@ -1122,7 +1225,11 @@ impl Store {
             .map(|seq| Some(Reply::Sealed(seq)))
     }
 
-    fn owned_writing(&mut self, session: SessionId, object: u64) -> Result<&mut Object, StoreError> {
+    fn owned_writing(
+        &mut self,
+        session: SessionId,
+        object: u64,
+    ) -> Result<&mut Object, StoreError> {
         match self.objects.get_mut(&object) {
             Some(o) => match &o.state {
                 State::Writing { session: owner, .. } if *owner == session => Ok(o),
@@ -1401,9 +1508,15 @@ impl Store {
         out: &mut Vec<Out>,
     ) -> Result<Reply, StoreError> {
         let Some(stream) = self.streams.get_mut(&stream_name) else {
-            return Err(err(ErrorCode::UnknownStream, format!("no stream {stream_name:?}")));
+            return Err(err(
+                ErrorCode::UnknownStream,
+                format!("no stream {stream_name:?}"),
+            ));
         };
-        let s = self.sessions.get_mut(&session).expect("checked by dispatch");
+        let s = self
+            .sessions
+            .get_mut(&session)
+            .expect("checked by dispatch");
         if s.subscriptions.len() >= MAX_SUBSCRIPTIONS {
             return Err(err(ErrorCode::TooLarge, "too many subscriptions"));
         }
@@ -1543,7 +1656,10 @@ impl Store {
         out: &mut Vec<Out>,
     ) -> Result<Reply, StoreError> {
         let Some(stream) = self.streams.get(stream_name) else {
-            return Err(err(ErrorCode::UnknownStream, format!("no stream {stream_name:?}")));
+            return Err(err(
+                ErrorCode::UnknownStream,
+                format!("no stream {stream_name:?}"),
+            ));
         };
         let frame = match seq {
             None => stream.frames.back(),
@@ -1576,7 +1692,10 @@ impl Store {
         subscription: u32,
         out: &mut Vec<Out>,
     ) -> Delivery {
-        let obj = self.objects.get_mut(&frame.object).expect("frames point at live objects");
+        let obj = self
+            .objects
+            .get_mut(&frame.object)
+            .expect("frames point at live objects");
         obj.refs += 1;
         let State::Sealed {
             seq,
@@ -1689,8 +1808,12 @@ impl Store {
         if obj.refs > 0 {
             return;
         }
-        // The lease goes; a server task still sending the bytes holds its own clone.
-        self.objects.remove(&object);
+        // The lease goes; a server task still sending the bytes holds its own clone. Blocks of
+        // a frame nobody else holds are kept for the next `dirtyOk` create of that size.
+        let obj = self.objects.remove(&object).expect("present");
+        if let Ok(lease) = Arc::try_unwrap(obj.lease) {
+            self.recycled.put(lease, self.region.len() / 4);
+        }
     }
 
     /// Hands each attached consumer of the stream the frames its window allows.
@@ -1698,8 +1821,11 @@ impl Store {
         let Some(stream) = self.streams.get(stream_name) else {
             return;
         };
-        let attached: Vec<(SessionId, u32)> =
-            stream.consumers.values().filter_map(|c| c.attached).collect();
+        let attached: Vec<(SessionId, u32)> = stream
+            .consumers
+            .values()
+            .filter_map(|c| c.attached)
+            .collect();
         for (session, sub) in attached {
             loop {
                 let stream = &self.streams[stream_name];
@@ -1784,7 +1910,7 @@ impl Store {
                 if !self.sessions.contains_key(&parked.session) {
                     continue;
                 }
-                match self.try_create(parked.session, &name, parked.size) {
+                match self.try_create(parked.session, &name, parked.size, parked.dirty_ok) {
                     Ok(grant) => out.push(Out::Message(
                         parked.session,
                         ServerMessage::Response(Response {
@@ -1846,6 +1972,19 @@ impl Store {
 
     /// The earliest deadline of a waiting create.
     pub fn next_deadline(&self) -> Option<Instant> {
+        // Creates waiting for region space are retried often: the scrubber frees blocks
+        // without telling the store.
+        if !self.waiting.is_empty() {
+            let soon = Instant::now() + Duration::from_millis(2);
+            return Some(
+                self.waiting
+                    .iter()
+                    .filter_map(|n| self.streams.get(n))
+                    .flat_map(|s| s.parked.iter().map(|p| p.deadline))
+                    .min()
+                    .map_or(soon, |d| d.min(soon)),
+            );
+        }
         self.waiting
             .iter()
             .filter_map(|n| self.streams.get(n))

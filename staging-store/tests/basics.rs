@@ -11,10 +11,19 @@ async fn frames_flow_to_shm_and_tcp_consumers() {
     let store = start("basics", || memory_store(64 << 20));
     let producer = Client::connect(&store.unix(), "producer").await.unwrap();
     producer
-        .create_stream("cam0", StreamConfig { retain_frames: 2, ..Default::default() }, false)
+        .create_stream(
+            "cam0",
+            StreamConfig {
+                retain_frames: 2,
+                ..Default::default()
+            },
+            false,
+        )
         .await
         .unwrap();
-    let shm = Client::connect(&store.unix(), "shm-consumer").await.unwrap();
+    let shm = Client::connect(&store.unix(), "shm-consumer")
+        .await
+        .unwrap();
     let tcp = Client::connect(&store.tcp(), "tcp-consumer").await.unwrap();
     let mut a = shm.subscribe("cam0", "a", Cursor::Oldest, 4).await.unwrap();
     let mut b = tcp.subscribe("cam0", "b", Cursor::Oldest, 4).await.unwrap();

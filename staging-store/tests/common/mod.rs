@@ -46,7 +46,10 @@ impl Drop for TestStore {
 pub fn temp_dir(tag: &str) -> PathBuf {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("staging-store-test-{tag}-{}-{n}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "staging-store-test-{tag}-{}-{n}",
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -100,7 +103,11 @@ pub fn memory_store(size: u64) -> Store {
 /// A framed I420 frame with `seq` stamped in its first luma bytes and sequence field.
 pub fn framed(width: u32, height: u32, seq: u64) -> Vec<u8> {
     let mut message = capnp::message::Builder::new_default();
-    let mut w = FrameWriter::init(&mut message, &FrameSpec::new(PixelFormat::I420, width, height)).unwrap();
+    let mut w = FrameWriter::init(
+        &mut message,
+        &FrameSpec::new(PixelFormat::I420, width, height),
+    )
+    .unwrap();
     w.builder().set_sequence(seq);
     w.plane_mut(0).unwrap()[..8].copy_from_slice(&seq.to_le_bytes());
     capnp::serialize::write_message_to_words(&message)
@@ -111,6 +118,9 @@ pub fn stamp(bytes: &[u8]) -> u64 {
     let (reader, _) = capnp_rdma::reader::read_frame(bytes, &Default::default()).unwrap();
     let view = capnp_rdma::frame::FrameView::new(&reader).unwrap();
     let seq = view.reader().get_sequence();
-    assert_eq!(u64::from_le_bytes(view.plane(0).unwrap()[..8].try_into().unwrap()), seq);
+    assert_eq!(
+        u64::from_le_bytes(view.plane(0).unwrap()[..8].try_into().unwrap()),
+        seq
+    );
     seq
 }

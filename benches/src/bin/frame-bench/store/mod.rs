@@ -2,7 +2,7 @@
 //! (over shm and over tcp) against Redis carrying the same frames, measured in the same run.
 //!
 //! ```text
-//!  control (once): the store's control path alone, ops/s              (staging.rs, not built yet)
+//!  control (once): the store's control path alone, ops/s              (staging.rs)
 //!  for frame in --frames:
 //!    one framed I420 Frame message, built once, untimed (frames.rs)
 //!    for system in [redis, store-shm, store-tcp] ∩ --systems:        (redis first: the baseline)
@@ -25,9 +25,8 @@
 //! every frame with `--quick`, are also compared byte for byte with what was sent. A wrong byte
 //! makes the process exit non-zero.
 //!
-//! Redis (`redis.rs`) runs today. `control`, `store-shm` and `store-tcp` have their entry points
-//! in `staging.rs`; until they are built each returns [`StoreBenchError::NotBuilt`] and the run
-//! skips it with a note on stderr.
+//! Redis runs in `redis.rs`; `control`, `store-shm` and `store-tcp` in `staging.rs`, against a
+//! staging-store server process (this binary re-executed as the hidden `store-server`).
 
 mod flow;
 mod frames;
@@ -126,7 +125,7 @@ impl SystemKind {
     }
 }
 
-/// Why a run failed. Any of these (except [`StoreBenchError::NotBuilt`], which the run skips)
+/// Why a run failed. Any of these
 /// ends the process with a non-zero exit.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum StoreBenchError {
@@ -138,9 +137,6 @@ pub(crate) enum StoreBenchError {
         #[source]
         source: Box<StoreBenchError>,
     },
-    /// The system's entry point exists but the system is not built yet: skipped, no numbers.
-    #[error("{0} is not built yet")]
-    NotBuilt(&'static str),
     /// The consumer found the wrong bytes (or a frame out of order).
     #[error("frame {seq} arrived wrong: {what}")]
     Mismatch { seq: u64, what: String },
@@ -251,17 +247,7 @@ pub(crate) fn run(args: &Args) -> Result<(), StoreBenchError> {
     systems.sort();
     systems.dedup();
 
-    let mut not_built: Vec<&'static str> = Vec::new();
-    let skip = |system: SystemKind, not_built: &mut Vec<&'static str>| {
-        if !not_built.contains(&system.label()) {
-            eprintln!(
-                "  {}: skipped (not built yet: its entry point in store/staging.rs returns \
-                 NotBuilt; no numbers are reported for it)",
-                system.label()
-            );
-            not_built.push(system.label());
-        }
-    };
+    let not_built: Vec<&'static str> = Vec::new();
     let case_error = |system: SystemKind, size: FrameSize| {
         move |e: StoreBenchError| StoreBenchError::Case {
             system: system.label(),
@@ -291,7 +277,6 @@ pub(crate) fn run(args: &Args) -> Result<(), StoreBenchError> {
                 }
                 control = Some(record);
             }
-            Err(StoreBenchError::NotBuilt(_)) => skip(SystemKind::Control, &mut not_built),
             Err(e) => return Err(case_error(SystemKind::Control, size)(e)),
         }
     }
@@ -306,9 +291,6 @@ pub(crate) fn run(args: &Args) -> Result<(), StoreBenchError> {
             })?,
         );
         for &system in systems.iter().filter(|&&s| s != SystemKind::Control) {
-            if not_built.contains(&system.label()) {
-                continue;
-            }
             let case = Case {
                 size,
                 template: Arc::clone(&template),
@@ -320,10 +302,6 @@ pub(crate) fn run(args: &Args) -> Result<(), StoreBenchError> {
             }
             let measured = match (system.entry())(&case) {
                 Ok(measured) => measured,
-                Err(StoreBenchError::NotBuilt(_)) => {
-                    skip(system, &mut not_built);
-                    continue;
-                }
                 Err(e) => return Err(case_error(system, size)(e)),
             };
             let mut record = Record::new(system, &case, &measured);
@@ -363,32 +341,6 @@ fn emit(text: &str) -> Result<(), StoreBenchError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn unbuilt_systems_say_so() {
-        let case = Case {
-            size: FrameSize::P720,
-            template: Arc::new(FrameTemplate::build(FrameSize::P720).unwrap()),
-            plan: Plan {
-                warmup: 1,
-                min_frames: 2,
-                min_time: Duration::ZERO,
-                max_frames: 2,
-                check_all: true,
-            },
-            in_flight: 2,
-        };
-        for system in [
-            SystemKind::Control,
-            SystemKind::StoreShm,
-            SystemKind::StoreTcp,
-        ] {
-            match (system.entry())(&case) {
-                Err(StoreBenchError::NotBuilt(label)) => assert_eq!(label, system.label()),
-                other => panic!("{system:?}: {other:?}"),
-            }
-        }
-    }
 
     #[test]
     fn quick_plan_is_small() {

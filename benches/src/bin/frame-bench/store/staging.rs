@@ -77,7 +77,10 @@ pub(crate) fn serve(args: &ServerArgs) -> Result<(), StoreBenchError> {
                 |bound| {
                     println!(
                         "ready {} {}",
-                        bound.unix.as_ref().map_or(String::new(), |p| p.display().to_string()),
+                        bound
+                            .unix
+                            .as_ref()
+                            .map_or(String::new(), |p| p.display().to_string()),
                         bound.tcp.map_or(String::new(), |a| a.to_string())
                     );
                 },
@@ -103,7 +106,8 @@ impl StoreProcess {
     fn start(region_bytes: u64, block_bytes: u64) -> Result<Self, StoreBenchError> {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("frame-bench-store-{}-{n}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("frame-bench-store-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(StoreBenchError::io("store temp dir"))?;
         let exe = std::env::current_exe().map_err(StoreBenchError::io("current_exe"))?;
         let mut child = Command::new(exe)
@@ -205,7 +209,11 @@ pub(crate) fn run_store_tcp(case: &Case) -> Result<Measured, StoreBenchError> {
 
 fn run_store(case: &Case, shm: bool) -> Result<Measured, StoreBenchError> {
     let server = StoreProcess::start(region_for(case), 64 << 10)?;
-    let addr = if shm { server.unix.clone() } else { server.tcp.clone() };
+    let addr = if shm {
+        server.unix.clone()
+    } else {
+        server.tcp.clone()
+    };
     let flow = Flow::new(case.plan, case.in_flight, Some(server.pid()));
     let template = Arc::clone(&case.template);
     let in_flight = case.in_flight as u32;
@@ -257,11 +265,13 @@ async fn produce(
         let last = flow.admit(seq).await?;
         flow.started(seq);
         let stored = if shm {
-            let grant = tokio::time::timeout(STALL, client.create("bench", len as u64))
+            // The whole message is copied in: a grant of freed blocks need not be zeroed.
+            let grant = tokio::time::timeout(STALL, client.create_with("bench", len as u64, true))
                 .await
                 .map_err(|_| StoreBenchError::Stalled("the store to grant"))?
                 .map_err(client_err("create"))?;
-            let bytes = client.grant_bytes(&grant).map_err(client_err("grant"))?;
+            // SAFETY: the only slice of this fresh grant, dropped before the seal.
+            let bytes = unsafe { client.grant_bytes(&grant) }.map_err(client_err("grant"))?;
             bytes[..len].copy_from_slice(template.bytes());
             template.stamp(&mut bytes[..len], seq)?;
             client.seal(&grant, grant.offset, len as u64, None).await
@@ -350,15 +360,20 @@ pub(crate) fn run_control(case: &Case) -> Result<Measured, StoreBenchError> {
             .map_err(client_err("creating the stream"))?;
         let cycle = |client: Client, tiny: Vec<u8>| async move {
             let grant = client.create("control", tiny.len() as u64).await?;
-            client.grant_bytes(&grant)?[..tiny.len()].copy_from_slice(&tiny);
-            let seq = client.seal(&grant, grant.offset, tiny.len() as u64, None).await?;
+            // SAFETY: the only slice of this fresh grant, dropped before the seal.
+            unsafe { client.grant_bytes(&grant) }?[..tiny.len()].copy_from_slice(&tiny);
+            let seq = client
+                .seal(&grant, grant.offset, tiny.len() as u64, None)
+                .await?;
             let frame = client.get("control", Some(seq)).await?;
             frame.release().await?;
             Ok::<(), ClientError>(())
         };
         // Warm up.
         for _ in 0..200 {
-            cycle(client.clone(), tiny.clone()).await.map_err(client_err("warm-up"))?;
+            cycle(client.clone(), tiny.clone())
+                .await
+                .map_err(client_err("warm-up"))?;
         }
         let cpu0 = capnp_rdma_benches::process_cpu_time();
         let server0 = super::flow::server_cpu_time(pid);
@@ -389,7 +404,13 @@ pub(crate) fn run_control(case: &Case) -> Result<Measured, StoreBenchError> {
             (Some(a), Some(b)) => Some(b.saturating_sub(a)),
             _ => None,
         };
-        Ok::<_, StoreBenchError>((TASKS as u64 * per_task * 4, elapsed, cpu, server_cpu, samples))
+        Ok::<_, StoreBenchError>((
+            TASKS as u64 * per_task * 4,
+            elapsed,
+            cpu,
+            server_cpu,
+            samples,
+        ))
     })?;
     drop(server);
     Ok(Measured::control(ops, elapsed, cpu, server_cpu, &samples))
