@@ -153,6 +153,12 @@ pub fn decode_deliver(b: &[u8]) -> Result<Delivery, DataError> {
         1 => true,
         _ => return Err(DataError::Unsupported("checksum flag")),
     };
+    // Without the flag the checksum field must be 0 (as `encode_deliver` writes it): a value
+    // there would be silently dropped, and the header would not be canonical (found by the
+    // `store_control` fuzz target).
+    if !has_checksum && u32_at(b, 40) != 0 {
+        return Err(DataError::Unsupported("a checksum without its flag"));
+    }
     Ok(Delivery {
         subscription: u32_at(b, 4),
         reference: u64_at(b, 8),

@@ -116,8 +116,21 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// Encodes what the store produced and hands it to the connections' writers.
+    /// Encodes what the store produced and hands it to the connections' writers, then wakes
+    /// the timer task if creates wait (one may have just been parked, or the earliest
+    /// deadline changed).
     fn route(&mut self, outs: Vec<Out>) {
+        self.send_outs(outs);
+        if self.store.next_deadline().is_some() {
+            self.timer.notify_one();
+        }
+    }
+
+    /// [`Shared::route`] without waking the timer: for the timer task itself, which re-reads
+    /// the deadline on its next turn anyway. (Waking itself would leave a permit that makes
+    /// its next `notified()` ready at once: a loop that never yields, starving every
+    /// connection for as long as a create waits.)
+    fn send_outs(&mut self, outs: Vec<Out>) {
         for out in outs {
             match out {
                 Out::Message(sid, message) => {
@@ -151,9 +164,6 @@ impl Shared {
         let sids: Vec<SessionId> = self.pending.keys().copied().collect();
         for sid in sids {
             self.flush_one(sid);
-        }
-        if self.store.next_deadline().is_some() {
-            self.timer.notify_one();
         }
     }
 
@@ -302,6 +312,15 @@ pub async fn serve(
         io: IoCounters::default(),
         timer: Rc::clone(&timer),
     }));
+    // Poll the shutdown future once before announcing readiness: one that installs a signal
+    // handler on its first poll (the CLI's SIGTERM/SIGINT) then has it in place, so a signal
+    // sent as soon as "ready" is seen stops the server cleanly instead of killing it.
+    let mut shutdown = std::pin::pin!(shutdown);
+    let stop_at_once = tokio::select! {
+        biased;
+        () = &mut shutdown => true,
+        () = std::future::ready(()) => false,
+    };
     ready(&bound);
     tracing::info!(?bound, "staging-store serving");
 
@@ -375,12 +394,14 @@ pub async fn serve(
                 let mut sh = shared.borrow_mut();
                 let mut outs = Vec::new();
                 sh.store.expire(Instant::now(), &mut outs);
-                sh.route(outs);
+                sh.send_outs(outs);
             }
         });
     }
 
-    shutdown.await;
+    if !stop_at_once {
+        shutdown.await;
+    }
     tracing::info!("shutting down");
     tasks.shutdown().await;
     // Tell every client, then end every session (references and grants dropped).

@@ -288,10 +288,6 @@ impl Recycled {
         }
     }
 
-    fn is_empty(&self) -> bool {
-        self.bytes == 0
-    }
-
     fn clear(&mut self) {
         self.by_len.clear();
         self.bytes = 0;
@@ -641,7 +637,19 @@ impl Store {
     /// Store-wide state and counters.
     pub fn stat(&self) -> StoreStat {
         let mut stat = self.stat;
-        stat.blocks_in_use = self.region.stats().blocks_in_use;
+        // `blocksInUse` is what live objects (and sends still in flight) hold, so that a
+        // frame's blocks are seen back exactly when its last reference goes. Two things would
+        // blur that: released blocks stay allocated in the region until its background scrubber
+        // has zeroed them — wait for it (bounded: this thread queues no release meanwhile) —
+        // and the recycled pool keeps freed frames' blocks for `dirtyOk` creates — they are the
+        // store's free list, not held by anything, so they do not count.
+        self.region.quiesce();
+        let recycled_blocks = self.recycled.bytes / self.region.block_size();
+        stat.blocks_in_use = self
+            .region
+            .stats()
+            .blocks_in_use
+            .saturating_sub(recycled_blocks);
         stat.objects = self.objects.len() as u64;
         stat.sessions = self.sessions.len() as u32;
         stat.streams = self.streams.len() as u32;
@@ -948,7 +956,8 @@ impl Store {
             .map(|p| (p.session, p.request))
             .collect();
         for (session, sub) in attached {
-            self.end_subscription(session, sub, out);
+            // Frames the consumers hold stay valid until released (see `Body::DeleteStream`).
+            self.end_subscription(session, sub, true, out);
             out.push(Out::Message(
                 session,
                 ServerMessage::Ended {
@@ -964,6 +973,20 @@ impl Store {
                 request,
                 err(ErrorCode::UnknownStream, format!("stream {name:?} deleted")),
             ));
+        }
+        // Grants being written for the stream can never become its frames: drop them as an
+        // abort would (later seals get `unknownObject`). Kept, an old grant would be sealed
+        // into a new stream of the same name, whose `writing` count it was never part of.
+        let writing: Vec<(SessionId, u64)> = self
+            .objects
+            .iter()
+            .filter_map(|(&id, o)| match o.state {
+                State::Writing { session, .. } if o.stream == name => Some((session, id)),
+                _ => None,
+            })
+            .collect();
+        for (session, object) in writing {
+            self.drop_writing(session, object, out);
         }
         let stream = self.streams.remove(name).expect("looked up above");
         self.waiting.remove(name);
@@ -1081,14 +1104,21 @@ impl Store {
         } else {
             None
         };
-        let lease = match recycled.map_or_else(|| self.region.lease(size), Ok) {
-            Ok(lease) => lease,
-            Err(RegionError::Exhausted { .. }) if !self.recycled.is_empty() => {
-                // Room is parked in recycled blocks: give them back to the region (zeroed by
-                // its scrubber) and let the caller wait for them.
+        let leased = match recycled.map_or_else(|| self.region.lease(size), Ok) {
+            // Room may be on its way back: blocks parked in the recycled pool, or released
+            // blocks the region's scrubber has not zeroed yet (a frame freed or a grant aborted
+            // a moment ago). Give the pool back, wait for the scrubber — only when the region
+            // is otherwise full — and try once more, so that `regionFull` (a refusal at once
+            // under `reject`) means the region really is full.
+            Err(RegionError::Exhausted { .. }) => {
                 self.recycled.clear();
-                return Err(err(ErrorCode::RegionFull, "the region is being scrubbed"));
+                self.region.quiesce();
+                self.region.lease(size)
             }
+            other => other,
+        };
+        let lease = match leased {
+            Ok(lease) => lease,
             Err(RegionError::Exhausted { .. }) => {
                 let stats = self.region.stats();
                 return Err(err(
@@ -1610,14 +1640,24 @@ impl Store {
                 format!("no subscription {sub} in this session"),
             ));
         }
-        self.end_subscription(session, sub, out);
+        self.end_subscription(session, sub, false, out);
         Ok(Reply::Ok)
     }
 
     /// Ends a subscription: its unreleased deliveries are dropped without acknowledging (a
     /// durable consumer gets them again when it resumes), and its consumer detaches (an
     /// anonymous one is removed).
-    fn end_subscription(&mut self, session: SessionId, sub: u32, out: &mut Vec<Out>) {
+    ///
+    /// `keep_held`: the deliveries stay held instead — the store ended the subscription (its
+    /// stream was deleted) and the client may still be reading them in place; they go when
+    /// it releases them or disconnects (`release` copes with their subscription being gone).
+    fn end_subscription(
+        &mut self,
+        session: SessionId,
+        sub: u32,
+        keep_held: bool,
+        out: &mut Vec<Out>,
+    ) {
         let Some(s) = self.sessions.get_mut(&session) else {
             return;
         };
@@ -1627,7 +1667,7 @@ impl Store {
         let held: Vec<u64> = s
             .held
             .iter()
-            .filter(|(_, h)| h.subscription == sub)
+            .filter(|(_, h)| h.subscription == sub && !keep_held)
             .map(|(r, _)| *r)
             .collect();
         for reference in held {
@@ -2001,7 +2041,7 @@ impl Store {
         let subs: Vec<u32> = s.subscriptions.keys().copied().collect();
         let writing = s.writing.clone();
         for sub in subs {
-            self.end_subscription(session, sub, out);
+            self.end_subscription(session, sub, false, out);
         }
         let held: Vec<u64> = self.sessions[&session].held.keys().copied().collect();
         for reference in held {

@@ -64,7 +64,10 @@ impl Proc {
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     let status = self.child.wait().ok();
-                    panic!("{} exited ({status:?}) before printing {marker:?}", self.what)
+                    panic!(
+                        "{} exited ({status:?}) before printing {marker:?}",
+                        self.what
+                    )
                 }
             }
         }
