@@ -311,6 +311,23 @@ fn parse_proc_stat_cpu(stat: &str, ticks_per_s: u64) -> Option<Duration> {
     ))
 }
 
+/// Runs one side; its failure stops the other side ([`Flow::abort`]), and the other side's
+/// failure stops it with [`StoreBenchError::Aborted`].
+pub(crate) async fn guarded<T>(
+    flow: &Flow,
+    work: impl std::future::Future<Output = Result<T, StoreBenchError>>,
+) -> Result<T, StoreBenchError> {
+    tokio::select! {
+        result = work => {
+            if result.is_err() {
+                flow.abort();
+            }
+            result
+        }
+        () = flow.aborted() => Err(StoreBenchError::Aborted),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

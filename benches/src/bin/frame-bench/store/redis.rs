@@ -28,12 +28,11 @@
 //! frames/s on the 2-core CI machine kind (1080p, 8 alternating runs each: median 396 vs 411
 //! frames/s for one thread) and cost more client CPU per frame (cross-thread wake-ups).
 
-use super::flow::{Flow, Measured, Receipts, STALL};
+use super::flow::{guarded, Flow, Measured, Receipts, STALL};
 use super::frames::FrameTemplate;
 use super::resp::{Key, Reply, RespError, RespReader, RespWriter};
 use super::{Case, StoreBenchError};
 use capnp::Word;
-use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -357,23 +356,6 @@ fn join_side<T>(
     }
 }
 
-/// Runs one side; its failure stops the other side ([`Flow::abort`]), and the other side's
-/// failure stops it with [`StoreBenchError::Aborted`].
-async fn guarded<T>(
-    flow: &Flow,
-    work: impl Future<Output = Result<T, StoreBenchError>>,
-) -> Result<T, StoreBenchError> {
-    tokio::select! {
-        result = work => {
-            if result.is_err() {
-                flow.abort();
-            }
-            result
-        }
-        () = flow.aborted() => Err(StoreBenchError::Aborted),
-    }
-}
-
 async fn connect(addr: SocketAddr) -> Result<(OwnedReadHalf, OwnedWriteHalf), StoreBenchError> {
     let stream = TcpStream::connect(addr)
         .await
@@ -564,7 +546,7 @@ mod tests {
         }
     }
 
-    fn block_on<F: Future>(f: F) -> F::Output {
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -20,7 +20,7 @@
 //! The consumer subscribes as a durable consumer with a window of `in_flight` frames, so the
 //! store holds each frame until the consumer has checked and released it.
 
-use super::flow::{Flow, Measured, Receipts, STALL};
+use super::flow::{guarded, Flow, Measured, Receipts, STALL};
 use super::frames::FrameTemplate;
 use super::{Case, StoreBenchError};
 use capnp::Word;
@@ -178,21 +178,6 @@ fn runtime() -> Result<tokio::runtime::Runtime, StoreBenchError> {
         .enable_all()
         .build()
         .map_err(StoreBenchError::io("tokio runtime"))
-}
-
-async fn guarded<T>(
-    flow: &Flow,
-    work: impl std::future::Future<Output = Result<T, StoreBenchError>>,
-) -> Result<T, StoreBenchError> {
-    tokio::select! {
-        result = work => {
-            if result.is_err() {
-                flow.abort();
-            }
-            result
-        }
-        () = flow.aborted() => Err(StoreBenchError::Aborted),
-    }
 }
 
 /// `store-shm`: producer → staging store → consumer, frames handed over in shared memory.
