@@ -365,7 +365,9 @@ pub(super) async fn receive<T: Target>(
     Ok((target, receipts))
 }
 
-/// Waits for both sides; the first failure aborts the other side and is returned.
+/// Waits for both sides. The first failure aborts the other side and is returned, except
+/// that a sender failure waits briefly for the receiver: a receiver that found a wrong frame
+/// closes its end, so the sender's "peer disconnected" is only the echo of that mismatch.
 pub(super) async fn join<S, R>(
     mut sender: JoinHandle<Result<S, TransportBenchError>>,
     mut receiver: JoinHandle<Result<R, TransportBenchError>>,
@@ -379,8 +381,12 @@ pub(super) async fn join<S, R>(
         s = &mut sender => match flat(s) {
             Ok(s) => Ok((s, flat(receiver.await)?)),
             Err(e) => {
+                let cause = tokio::time::timeout(Duration::from_secs(1), &mut receiver).await;
                 receiver.abort();
-                Err(e)
+                match cause.map(flat) {
+                    Ok(Err(mismatch @ TransportBenchError::Mismatch { .. })) => Err(mismatch),
+                    _ => Err(e),
+                }
             }
         },
         r = &mut receiver => match flat(r) {
