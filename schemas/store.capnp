@@ -45,6 +45,9 @@ struct StreamConfig {
 }
 
 struct Request {
+  # Echoed in the response. 0: the client wants no answer when the request succeeds (a
+  # failure still comes back, as a notice), e.g. releases it does not wait for. A hello is
+  # always answered.
   id @0 :UInt64;
   union {
     hello @1 :Hello;
@@ -91,7 +94,8 @@ struct Create {
   stream @0 :Text;
   size @1 :UInt64;
   # The client overwrites every byte it seals, so the grant need not be zeroed: the store may
-  # hand it blocks of a frame it just freed (skipping a zeroing pass). shm clients only.
+  # hand it blocks of a frame it just freed (skipping a zeroing pass). A tcp client's PUTs fill
+  # a grant from its start without gaps, so no stale byte is ever sealed.
   dirtyOk @2 :Bool;
 }
 
@@ -181,6 +185,15 @@ struct Grant {
   object @0 :UInt64;
   offset @1 :UInt64;
   len @2 :UInt64;
+  # Set when a `dirtyOk` grant of a shm client reuses the blocks of a frame of the same stream
+  # that has since been freed, and those blocks still hold that frame's bytes exactly as they
+  # were sealed ("buffer age"): a producer that knows what it wrote into frame `previousSeq`
+  # may repaint only what changed since, instead of every byte.
+  hasPrevious @3 :Bool;
+  previousSeq @4 :UInt64;
+  # Region offset and length of that frame's bytes.
+  previousOffset @5 :UInt64;
+  previousLen @6 :UInt64;
 }
 
 struct Delivery {

@@ -119,6 +119,38 @@ struct Inner {
     region: Option<Region>,
     data: Option<tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>>,
     notices: Mutex<Vec<StoreError>>,
+    /// tcp: receive buffers of dropped frames, read into again by the next deliveries (memory
+    /// already mapped and faulted in, not zeroed again per frame).
+    spare: Mutex<Vec<Vec<capnp::Word>>>,
+}
+
+/// Receive buffers a client keeps for reuse.
+const SPARE_BUFFERS: usize = 8;
+
+impl Inner {
+    /// A buffer of `words` words: a spare one of that size, or new (zeroed) memory.
+    fn buffer(&self, words: usize) -> Vec<capnp::Word> {
+        let mut spare = self.spare.lock().expect("not poisoned");
+        match spare.iter().rposition(|b| b.len() == words) {
+            Some(at) => spare.swap_remove(at),
+            None => {
+                drop(spare);
+                capnp::Word::allocate_zeroed_vec(words)
+            }
+        }
+    }
+
+    /// Keeps `buffer` for a later delivery (the oldest spare goes when there are enough).
+    fn give_back(&self, buffer: Vec<capnp::Word>) {
+        if buffer.is_empty() {
+            return;
+        }
+        let mut spare = self.spare.lock().expect("not poisoned");
+        if spare.len() == SPARE_BUFFERS {
+            spare.remove(0);
+        }
+        spare.push(buffer);
+    }
 }
 
 enum GotBytes {
@@ -359,6 +391,7 @@ impl Client {
             region,
             data: data.map(tokio::sync::Mutex::new),
             notices: Mutex::new(Vec::new()),
+            spare: Mutex::new(Vec::new()),
         });
         tokio::spawn(control_reader(Arc::downgrade(&inner), read, buf));
         Client { inner }
@@ -389,7 +422,12 @@ impl Client {
         body: Body,
         wait: bool,
     ) -> Result<Option<oneshot::Receiver<Result<Reply, StoreError>>>, ClientError> {
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        // Id 0: no answer unless the request fails (then a notice).
+        let id = if wait {
+            self.inner.next_id.fetch_add(1, Ordering::Relaxed)
+        } else {
+            0
+        };
         let rx = if wait {
             let (tx, rx) = oneshot::channel();
             self.inner
@@ -783,7 +821,12 @@ async fn data_reader(inner: std::sync::Weak<Inner>, mut read: tokio::net::tcp::O
         if delivery.len > region_limit {
             break;
         }
-        let mut words = capnp::Word::allocate_zeroed_vec(delivery.len.div_ceil(8) as usize);
+        let Some(mut words) = inner
+            .upgrade()
+            .map(|i| i.buffer(delivery.len.div_ceil(8) as usize))
+        else {
+            return;
+        };
         let bytes = &mut capnp::Word::words_to_bytes_mut(&mut words)[..delivery.len as usize];
         if read.read_exact(bytes).await.is_err() {
             break;
@@ -936,6 +979,9 @@ impl Drop for FrameRef {
     fn drop(&mut self) {
         if !self.released {
             let _ = self.client.release_nowait(self.delivery.reference);
+        }
+        if let Bytes::Owned(words) = &mut self.bytes {
+            self.client.inner.give_back(std::mem::take(words));
         }
     }
 }

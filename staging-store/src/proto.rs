@@ -346,6 +346,20 @@ pub struct Grant {
     pub offset: u64,
     /// Grant length (whole blocks).
     pub len: u64,
+    /// The frame of the same stream whose bytes the grant still holds, as sealed (shm
+    /// `dirtyOk` grants only): a producer may repaint only what changed since that frame.
+    pub previous: Option<PreviousFrame>,
+}
+
+/// A freed frame whose bytes a new grant still holds exactly as they were sealed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PreviousFrame {
+    /// Its sequence number in the grant's stream.
+    pub seq: u64,
+    /// Region offset of its first byte (inside the grant).
+    pub offset: u64,
+    /// Its length in bytes.
+    pub len: u64,
 }
 
 /// A frame handed to a client, held until released.
@@ -956,6 +970,12 @@ pub fn encode_server_message(message: &ServerMessage, out: &mut Vec<u8>) {
                     b.set_object(g.object);
                     b.set_offset(g.offset);
                     b.set_len(g.len);
+                    if let Some(p) = g.previous {
+                        b.set_has_previous(true);
+                        b.set_previous_seq(p.seq);
+                        b.set_previous_offset(p.offset);
+                        b.set_previous_len(p.len);
+                    }
                 }
                 Ok(Reply::Sealed(seq)) => r.set_sealed(*seq),
                 Ok(Reply::Subscribed(s)) => {
@@ -1021,6 +1041,11 @@ pub fn decode_server_message(bytes: &[u8]) -> Result<ServerMessage, ProtoError> 
                         object: g.get_object(),
                         offset: g.get_offset(),
                         len: g.get_len(),
+                        previous: g.get_has_previous().then(|| PreviousFrame {
+                            seq: g.get_previous_seq(),
+                            offset: g.get_previous_offset(),
+                            len: g.get_previous_len(),
+                        }),
                     }))
                 }
                 R::Sealed(seq) => Ok(Reply::Sealed(seq)),
@@ -1377,6 +1402,20 @@ mod tests {
                     object: 1,
                     offset: 2,
                     len: 3,
+                    previous: None,
+                })),
+            }),
+            ServerMessage::Response(Response {
+                id: 3,
+                result: Ok(Reply::Granted(Grant {
+                    object: 4,
+                    offset: 4096,
+                    len: 8192,
+                    previous: Some(PreviousFrame {
+                        seq: 7,
+                        offset: 4104,
+                        len: 8000,
+                    }),
                 })),
             }),
             ServerMessage::Delivery(Delivery {

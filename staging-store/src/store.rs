@@ -30,9 +30,9 @@
 
 use crate::journal::{self, Journal, Record};
 use crate::proto::{
-    Body, ConsumerStat, Cursor, Delivery, ErrorCode, FullPolicy, Grant, Reply, Request, Response,
-    ServerMessage, StoreError, StoreStat, StreamConfig, StreamStat, Subscribed, Transport, Welcome,
-    VERSION,
+    Body, ConsumerStat, Cursor, Delivery, ErrorCode, FullPolicy, Grant, PreviousFrame, Reply,
+    Request, Response, ServerMessage, StoreError, StoreStat, StreamConfig, StreamStat, Subscribed,
+    Transport, Welcome, VERSION,
 };
 use capnp_rdma::reader::SegmentTable;
 use capnp_rdma::{BlockLease, Region, RegionError};
@@ -264,27 +264,59 @@ pub struct Store {
 
 /// Blocks of freed frames kept un-zeroed for `dirtyOk` creates of the same size: a producer
 /// that overwrites its whole frame does not pay for zeroing (the region's scrubber would
-/// otherwise clear every freed frame before its blocks can be granted again).
+/// otherwise clear every freed frame before its blocks can be granted again). Each entry
+/// remembers the frame it held, so a grant from the same stream can say what its bytes are.
 #[derive(Default)]
 struct Recycled {
-    by_len: HashMap<u64, Vec<BlockLease>>,
+    by_len: HashMap<u64, Vec<(BlockLease, Freed)>>,
     bytes: u64,
     reused: u64,
 }
 
+/// The frame a recycled lease held, as it was sealed.
+struct Freed {
+    stream: String,
+    frame: PreviousFrame,
+}
+
 impl Recycled {
-    fn take(&mut self, size: u64, block: u64) -> Option<BlockLease> {
+    /// Blocks for `size` bytes, preferring a frame of `stream` (whose bytes are then named).
+    fn take(
+        &mut self,
+        size: u64,
+        block: u64,
+        stream: &str,
+    ) -> Option<(BlockLease, Option<PreviousFrame>)> {
         let len = size.max(1).div_ceil(block) * block;
-        let lease = self.by_len.get_mut(&len)?.pop()?;
+        let leases = self.by_len.get_mut(&len)?;
+        // The most recently freed frame of this stream, else the most recently freed one.
+        let at = leases
+            .iter()
+            .rposition(|(_, freed)| freed.stream == stream)
+            .or_else(|| leases.len().checked_sub(1))?;
+        let (lease, freed) = leases.remove(at);
         self.bytes -= lease.len();
         self.reused += 1;
-        Some(lease)
+        let previous = (freed.stream == stream).then_some(freed.frame);
+        Some((lease, previous))
     }
 
-    fn put(&mut self, lease: BlockLease, cap: u64) {
+    fn put(&mut self, lease: BlockLease, freed: Freed, cap: u64) {
         if self.bytes + lease.len() <= cap {
             self.bytes += lease.len();
-            self.by_len.entry(lease.len()).or_default().push(lease);
+            self.by_len
+                .entry(lease.len())
+                .or_default()
+                .push((lease, freed));
+        }
+    }
+
+    /// Keeps the blocks but no longer ties them to `stream` (deleted).
+    fn forget(&mut self, stream: &str) {
+        for (_, freed) in self.by_len.values_mut().flatten() {
+            if freed.stream == stream {
+                freed.stream.clear();
+            }
         }
     }
 
@@ -754,9 +786,18 @@ impl Store {
         // The response goes before whatever the request caused (deliveries, other sessions'
         // grants), so a client sees `subscribed` before the subscription's first frame.
         let at = out.len();
+        // Id 0 asks for no answer on success (a hello is always answered: its answer is the
+        // welcome).
+        let quiet = id == 0 && !matches!(request.body, Body::Hello { .. });
         let result = match self.dispatch(session, request, now, out) {
             Ok(None) => return,
+            Ok(Some(_)) if quiet => return,
             Ok(Some(reply)) => Ok(reply),
+            Err(e) if quiet => {
+                self.stat.errors += 1;
+                out.insert(at, Out::Message(session, ServerMessage::Notice(e)));
+                return;
+            }
             Err(e) => {
                 self.stat.errors += 1;
                 Err(e)
@@ -994,6 +1035,9 @@ impl Store {
             // Deleted with the stream: no `Freed` records (the StreamDeleted covers them).
             self.unref(frame.object);
         }
+        // A stream created later under this name is another stream: its grants must not name
+        // these frames.
+        self.recycled.forget(name);
         Ok(Reply::Ok)
     }
 
@@ -1006,11 +1050,6 @@ impl Store {
         dirty_ok: bool,
         now: Instant,
     ) -> Result<Option<Reply>, StoreError> {
-        let dirty_ok = dirty_ok
-            && self
-                .sessions
-                .get(&session)
-                .is_some_and(|s| s.transport == Some(Transport::Shm));
         let Some(stream) = self.streams.get_mut(&stream_name) else {
             return Err(err(
                 ErrorCode::UnknownStream,
@@ -1099,10 +1138,20 @@ impl Store {
                 ));
             }
         }
-        let recycled = if dirty_ok {
-            self.recycled.take(size, self.region.block_size())
-        } else {
-            None
+        let local = self
+            .sessions
+            .get(&session)
+            .is_some_and(|s| s.transport == Some(Transport::Shm));
+        let (recycled, previous) = match dirty_ok
+            .then(|| {
+                self.recycled
+                    .take(size, self.region.block_size(), stream_name)
+            })
+            .flatten()
+        {
+            // Only a shm client can repaint part of a grant; a tcp client's PUTs fill it.
+            Some((lease, previous)) => (Some(lease), previous.filter(|_| local)),
+            None => (None, None),
         };
         let leased = match recycled.map_or_else(|| self.region.lease(size), Ok) {
             // Room may be on its way back: blocks parked in the recycled pool, or released
@@ -1138,11 +1187,8 @@ impl Store {
             object: id,
             offset: lease.offset(),
             len: lease.len(),
+            previous,
         };
-        let local = self
-            .sessions
-            .get(&session)
-            .is_some_and(|s| s.transport == Some(Transport::Shm));
         let stream = self.streams.get_mut(stream_name).expect("exists");
         stream.writing += 1;
         stream.writing_bytes += lease.len();
@@ -1386,12 +1432,25 @@ impl Store {
             State::Writing {
                 session: owner,
                 putting,
+                landed_end,
                 ..
             } if *owner == session => {
                 if at.checked_add(len).is_none_or(|end| end > grant) {
                     return Err(err(
                         ErrorCode::OutOfGrant,
                         format!("write of {len} bytes at {at}: the grant is {grant} bytes"),
+                    ));
+                }
+                // Writes fill the grant from its start without gaps, so everything below
+                // `landed_end` was written by this client: a grant of reused blocks never
+                // seals a stale byte.
+                if at > *landed_end {
+                    return Err(err(
+                        ErrorCode::OutOfGrant,
+                        format!(
+                            "write at {at}: writes fill a grant from its start without gaps, \
+                             and the bytes written so far end at {landed_end}"
+                        ),
                     ));
                 }
                 *putting = true;
@@ -1851,8 +1910,18 @@ impl Store {
         // The lease goes; a server task still sending the bytes holds its own clone. Blocks of
         // a frame nobody else holds are kept for the next `dirtyOk` create of that size.
         let obj = self.objects.remove(&object).expect("present");
-        if let Ok(lease) = Arc::try_unwrap(obj.lease) {
-            self.recycled.put(lease, self.region.len() / 4);
+        if let (
+            Ok(lease),
+            State::Sealed {
+                seq, offset, len, ..
+            },
+        ) = (Arc::try_unwrap(obj.lease), obj.state)
+        {
+            let freed = Freed {
+                stream: obj.stream,
+                frame: PreviousFrame { seq, offset, len },
+            };
+            self.recycled.put(lease, freed, self.region.len() / 4);
         }
     }
 

@@ -769,3 +769,44 @@ async fn garbage_on_a_data_connection_ends_only_that_data_connection() {
     raw.request(2, Body::Stat);
     assert!(matches!(raw.response(2), Ok(Reply::Stat(_))));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_with_id_0_is_answered_only_when_it_fails() {
+    let store = start("bad-quiet", || memory_store(16 << 20));
+    let mut raw = Raw::tcp(store.bound.tcp.unwrap());
+    raw.request(0, hello(Transport::Tcp));
+    let Ok(Reply::Welcome(_)) = raw.response(0) else {
+        panic!("a hello is always answered")
+    };
+    // Succeeds: no answer. Fails: a notice (not a response), in order.
+    raw.request(
+        0,
+        Body::CreateStream {
+            name: "s".into(),
+            config: RETAIN,
+            exist_ok: false,
+        },
+    );
+    raw.request(0, Body::Release(42));
+    raw.request(
+        0,
+        Body::CreateStream {
+            name: "s".into(),
+            config: RETAIN,
+            exist_ok: false,
+        },
+    );
+    raw.request(7, Body::Streams);
+    match raw.recv() {
+        Some(ServerMessage::Notice(e)) => assert_eq!(e.code, ErrorCode::UnknownReference),
+        other => panic!("expected a notice for the release, got {other:?}"),
+    }
+    match raw.recv() {
+        Some(ServerMessage::Notice(e)) => assert_eq!(e.code, ErrorCode::StreamExists),
+        other => panic!("expected a notice for the second create, got {other:?}"),
+    }
+    let Ok(Reply::Streams(streams)) = raw.response(7) else {
+        panic!("expected the streams")
+    };
+    assert_eq!(streams.len(), 1, "the first create happened, unanswered");
+}

@@ -10,8 +10,9 @@
 use staging_store::data::{self, Attach, Put};
 use staging_store::proto::{
     self, decode_request, decode_server_message, encode_request, encode_server_message, Body,
-    ConsumerStat, Cursor, Delivery, ErrorCode, FullPolicy, Grant, Reply, Request, Response,
-    ServerMessage, StoreError, StoreStat, StreamConfig, StreamStat, Subscribed, Transport, Welcome,
+    ConsumerStat, Cursor, Delivery, ErrorCode, FullPolicy, Grant, PreviousFrame, Reply, Request,
+    Response, ServerMessage, StoreError, StoreStat, StreamConfig, StreamStat, Subscribed,
+    Transport, Welcome,
 };
 
 /// xorshift64: deterministic, so a failing input can be found again.
@@ -191,6 +192,11 @@ impl Rng {
                 object: self.num(),
                 offset: self.num(),
                 len: self.num(),
+                previous: (self.below(2) == 0).then(|| PreviousFrame {
+                    seq: self.num(),
+                    offset: self.num(),
+                    len: self.num(),
+                }),
             })),
             4 => Ok(Reply::Sealed(self.num())),
             5 => Ok(Reply::Subscribed(Subscribed {

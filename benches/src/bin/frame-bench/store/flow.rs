@@ -97,6 +97,11 @@ impl Flow {
         })
     }
 
+    /// What the run does.
+    pub(crate) fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
     /// Whether frame `seq` gets the byte-for-byte comparison (warm-up, or `check_all`).
     pub(crate) fn full_check(&self, seq: u64) -> bool {
         self.plan.check_all || seq < self.plan.warmup
@@ -240,6 +245,9 @@ pub(crate) struct Measured {
     pub(crate) server_cpu: Option<Duration>,
     /// Start-to-checked latency of the timed frames.
     pub(crate) latency: Stats,
+    /// Timed frames the producer wrote whole into the store's memory (or sent whole), when
+    /// the system counts them.
+    pub(crate) whole_writes: Option<u64>,
 }
 
 impl Measured {
@@ -262,6 +270,7 @@ impl Measured {
             cpu: end.cpu.saturating_sub(start.cpu),
             server_cpu,
             latency: Stats::from_samples(&receipts.samples_ns),
+            whole_writes: None,
         })
     }
 
@@ -281,6 +290,7 @@ impl Measured {
             cpu,
             server_cpu,
             latency: Stats::from_samples(samples_ns),
+            whole_writes: None,
         }
     }
 }

@@ -58,12 +58,13 @@ pub(crate) struct Args {
     #[arg(long, value_enum, value_delimiter = ',', default_value = "1080p,4k")]
     frames: Vec<FrameSize>,
     /// Systems to measure; they always run in the order control, redis (the baseline, so
-    /// the others have their ratio as they are printed), store-shm, store-tcp.
+    /// the others have their ratio as they are printed), store-shm, store-shm-rewrite,
+    /// store-tcp.
     #[arg(
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "control,store-shm,store-tcp,redis"
+        default_value = "control,store-shm,store-shm-rewrite,store-tcp,redis"
     )]
     systems: Vec<SystemKind>,
     /// Frames in flight: stored and not yet checked by the consumer (the producer waits for
@@ -97,8 +98,11 @@ pub(crate) enum SystemKind {
     Control,
     /// Redis on loopback: SET, GET, DEL of the framed message (the baseline).
     Redis,
-    /// Producer → staging store → consumer, frames handed over in shared memory.
+    /// Producer → staging store → consumer, frames handed over in shared memory; the producer
+    /// writes only what differs from the frame its grant still holds.
     StoreShm,
+    /// store-shm with every byte of every frame written by the producer (as a decoder would).
+    StoreShmRewrite,
     /// Producer → staging store → consumer, frames over loopback TCP.
     StoreTcp,
 }
@@ -108,6 +112,7 @@ impl SystemKind {
         match self {
             SystemKind::Control => "control",
             SystemKind::StoreShm => "store-shm",
+            SystemKind::StoreShmRewrite => "store-shm-rewrite",
             SystemKind::StoreTcp => "store-tcp",
             SystemKind::Redis => "redis",
         }
@@ -119,6 +124,7 @@ impl SystemKind {
         match self {
             SystemKind::Control => staging::run_control,
             SystemKind::StoreShm => staging::run_store_shm,
+            SystemKind::StoreShmRewrite => staging::run_store_shm_rewrite,
             SystemKind::StoreTcp => staging::run_store_tcp,
             SystemKind::Redis => redis::run_redis,
         }

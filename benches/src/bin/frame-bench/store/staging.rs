@@ -5,10 +5,14 @@
 //! measured apart, as Redis's is. The producer and the consumer are clients in this process:
 //!
 //! ```text
-//!  store-shm  producer: create(stream, len) ─▶ grant in the shared region; copy the framed
-//!                       message into it (the frame's one copy: as a decoder's output landing
-//!                       in the grant), stamp i, seal
+//!  store-shm  producer: create(stream, len, dirtyOk) ─▶ grant in the shared region. When the
+//!                       grant still holds one of this stream's frames (the store names it:
+//!                       "buffer age"), only the stamp changes and only the stamp is written,
+//!                       as Redis's producer restamps its one buffer; otherwise the framed
+//!                       message is copied in whole. Stamp i, seal
 //!             consumer: delivery (offset, len) ─▶ read_frame + check in place (no copy) ─▶ release
+//!  store-shm-rewrite    the same, but the producer copies every byte of every frame into its
+//!                       grant (as a decoder writing each frame's pixels would)
 //!  store-tcp  producer: create ─▶ PUT header + bytes on the data connection (the store reads
 //!                       them straight into the grant) ─▶ seal
 //!             consumer: DELIVER header + bytes on the data connection into aligned memory ─▶
@@ -180,24 +184,40 @@ fn runtime() -> Result<tokio::runtime::Runtime, StoreBenchError> {
         .map_err(StoreBenchError::io("tokio runtime"))
 }
 
+/// How the producer gets each frame into the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Producer {
+    /// shm, writing only what differs from the frame its grant still holds (if any).
+    ShmRepaint,
+    /// shm, writing every byte.
+    ShmRewrite,
+    /// tcp: PUT on the data connection.
+    Tcp,
+}
+
 /// `store-shm`: producer → staging store → consumer, frames handed over in shared memory.
 /// Target: >= 20x Redis frames/s at 1080p.
 pub(crate) fn run_store_shm(case: &Case) -> Result<Measured, StoreBenchError> {
-    run_store(case, true)
+    run_store(case, Producer::ShmRepaint)
+}
+
+/// `store-shm-rewrite`: `store-shm` with every byte of every frame written by the producer.
+pub(crate) fn run_store_shm_rewrite(case: &Case) -> Result<Measured, StoreBenchError> {
+    run_store(case, Producer::ShmRewrite)
 }
 
 /// `store-tcp`: producer → staging store → consumer, frames over loopback TCP.
 /// Target: >= 1.5x Redis frames/s at 1080p.
 pub(crate) fn run_store_tcp(case: &Case) -> Result<Measured, StoreBenchError> {
-    run_store(case, false)
+    run_store(case, Producer::Tcp)
 }
 
-fn run_store(case: &Case, shm: bool) -> Result<Measured, StoreBenchError> {
+fn run_store(case: &Case, how: Producer) -> Result<Measured, StoreBenchError> {
     let server = StoreProcess::start(region_for(case), 64 << 10)?;
-    let addr = if shm {
-        server.unix.clone()
-    } else {
+    let addr = if how == Producer::Tcp {
         server.tcp.clone()
+    } else {
+        server.unix.clone()
     };
     let flow = Flow::new(case.plan, case.in_flight, Some(server.pid()));
     let template = Arc::clone(&case.template);
@@ -226,56 +246,117 @@ fn run_store(case: &Case, shm: bool) -> Result<Measured, StoreBenchError> {
             .subscribe("bench", "checker", Cursor::Oldest, in_flight)
             .await
             .map_err(client_err("subscribing"))?;
-        let produce = guarded(&flow, produce(&producer, &template, &flow, shm));
+        let produce = guarded(&flow, produce(&producer, &template, &flow, how));
         let consume = guarded(&flow, consume(subscription, &template, &flow));
-        let ((), receipts) = tokio::try_join!(produce, consume)?;
-        Ok::<_, StoreBenchError>(receipts)
+        tokio::try_join!(produce, consume)
     })?;
-    let measured = Measured::from(&receipts)?;
+    let (whole, receipts) = receipts;
+    let mut measured = Measured::from(&receipts)?;
+    measured.whole_writes = Some(whole);
     drop(server);
     Ok(measured)
 }
 
+/// Stores every frame; returns how many measured frames the producer wrote whole (shm: the
+/// others were repainted, only their stamp written; tcp: every frame is sent whole).
 async fn produce(
     client: &Client,
     template: &FrameTemplate,
     flow: &Flow,
-    shm: bool,
-) -> Result<(), StoreBenchError> {
+    how: Producer,
+) -> Result<u64, StoreBenchError> {
+    match how {
+        Producer::Tcp => produce_tcp(client, template, flow).await,
+        Producer::ShmRepaint => produce_shm(client, template, flow, false).await,
+        Producer::ShmRewrite => produce_shm(client, template, flow, true).await,
+    }
+}
+
+fn check_sealed(sealed: Result<u64, ClientError>, seq: u64) -> Result<(), StoreBenchError> {
+    let sealed = sealed.map_err(client_err("seal"))?;
+    if sealed != seq {
+        return Err(StoreBenchError::mismatch(
+            seq,
+            format!("the store sealed it as frame {sealed}"),
+        ));
+    }
+    Ok(())
+}
+
+/// tcp: each frame is a `put` (create, PUT on the data connection, seal) of the one message,
+/// stamped in place per frame as Redis's producer does.
+async fn produce_tcp(
+    client: &Client,
+    template: &FrameTemplate,
+    flow: &Flow,
+) -> Result<u64, StoreBenchError> {
     let len = template.wire_len();
-    // tcp: the message to send, stamped in place per frame (as Redis's producer does).
     let mut message = template.copy();
     let mut seq = 0u64;
     loop {
         let last = flow.admit(seq).await?;
         flow.started(seq);
-        let stored = if shm {
-            // The whole message is copied in: a grant of freed blocks need not be zeroed.
-            let grant = tokio::time::timeout(STALL, client.create_with("bench", len as u64, true))
-                .await
-                .map_err(|_| StoreBenchError::Stalled("the store to grant"))?
-                .map_err(client_err("create"))?;
-            // SAFETY: the only slice of this fresh grant, dropped before the seal.
-            let bytes = unsafe { client.grant_bytes(&grant) }.map_err(client_err("grant"))?;
-            bytes[..len].copy_from_slice(template.bytes());
-            template.stamp(&mut bytes[..len], seq)?;
-            client.seal(&grant, grant.offset, len as u64, None).await
-        } else {
-            let bytes = Word::words_to_bytes_mut(&mut message);
-            template.stamp(bytes, seq)?;
-            client.put("bench", &bytes[..len]).await
-        };
-        let sealed = stored.map_err(client_err("seal"))?;
-        if sealed != seq {
-            return Err(StoreBenchError::mismatch(
-                seq,
-                format!("the store sealed it as frame {sealed}"),
-            ));
+        let bytes = Word::words_to_bytes_mut(&mut message);
+        template.stamp(bytes, seq)?;
+        check_sealed(client.put("bench", &bytes[..len]).await, seq)?;
+        if last {
+            return Ok((seq + 1).saturating_sub(flow.plan().warmup));
         }
         seq += 1;
-        if last {
-            return Ok(());
+    }
+}
+
+/// shm: frames written in their grants. The seal of frame i and the create of frame i + 1 go
+/// out together (one write, one wake-up of the store): the producer never waits for a seal's
+/// answer before it asks for the next grant.
+async fn produce_shm(
+    client: &Client,
+    template: &FrameTemplate,
+    flow: &Flow,
+    rewrite: bool,
+) -> Result<u64, StoreBenchError> {
+    let len = template.wire_len();
+    let create = |seq: u64| async move {
+        let last = flow.admit(seq).await?;
+        flow.started(seq);
+        // Either every byte is written or only the stamp changes: the grant need not be
+        // zeroed, and a grant of freed blocks says which frame they still hold.
+        let grant = tokio::time::timeout(STALL, client.create_with("bench", len as u64, true))
+            .await
+            .map_err(|_| StoreBenchError::Stalled("the store to grant"))?
+            .map_err(client_err("create"))?;
+        Ok::<_, StoreBenchError>((grant, last))
+    };
+    let (mut grant, mut last) = create(0).await?;
+    let mut whole = 0;
+    let mut seq = 0u64;
+    loop {
+        // SAFETY: the only slice of this fresh grant, dropped before the seal.
+        let bytes = unsafe { client.grant_bytes(&grant) }.map_err(client_err("grant"))?;
+        // Every frame of this stream is the template stamped with its seq (this producer is
+        // its only writer): one held at the grant's start differs only in the stamp.
+        let holds_a_frame = grant
+            .previous
+            .is_some_and(|p| p.offset == grant.offset && p.len == len as u64);
+        if rewrite || !holds_a_frame {
+            bytes[..len].copy_from_slice(template.bytes());
+            whole += u64::from(seq >= flow.plan().warmup);
         }
+        template.stamp(&mut bytes[..len], seq)?;
+        let seal = async {
+            let sealed =
+                tokio::time::timeout(STALL, client.seal(&grant, grant.offset, len as u64, None))
+                    .await
+                    .map_err(|_| StoreBenchError::Stalled("the store to seal"))?;
+            check_sealed(sealed, seq)
+        };
+        if last {
+            seal.await?;
+            return Ok(whole);
+        }
+        let ((), next) = tokio::try_join!(seal, create(seq + 1))?;
+        (grant, last) = next;
+        seq += 1;
     }
 }
 
