@@ -11,7 +11,9 @@
 //! ```
 //!
 //! Decoding never trusts a length: [`MessageBuf`] rejects a message larger than its limit
-//! before buffering it, [`decode_request`] reads with a small traversal limit, names are
+//! before buffering it, the decoders read with a traversal limit of a few times the message's
+//! own size, the lists of a message may not declare more elements, all together, than it has
+//! words (so a few hundred bytes cannot claim millions of zero-sized elements), names are
 //! bounded, and every error is a typed [`ProtoError`]. [`fuzz_decode`] runs the whole path on
 //! arbitrary bytes.
 
@@ -555,12 +557,69 @@ impl From<capnp::NotInSchema> for ProtoError {
     }
 }
 
+/// Most words a request (or a journal's configuration) may read through pointers.
+const REQUEST_TRAVERSAL_CAP_WORDS: u64 = 64 << 10;
+
 fn read_options() -> ReadOptions {
     ReadOptions {
         // Control messages are small: a request reads at most its own size a few times over.
-        traversal_limit_words: Some(64 << 10),
+        traversal_limit_words: Some(REQUEST_TRAVERSAL_CAP_WORDS),
         nesting_limit: 16,
         max_segments: MAX_SEGMENTS,
+    }
+}
+
+/// The traversal limit allows this many times the message's own words (honest decoding reads
+/// each object once)...
+const TRAVERSAL_FACTOR: u64 = 4;
+/// ...plus this many, for the smallest messages.
+const TRAVERSAL_SLACK_WORDS: u64 = 64;
+
+/// [`read_options`] for decoding `bytes`: the traversal limit is [`TRAVERSAL_FACTOR`] times the
+/// message's words plus [`TRAVERSAL_SLACK_WORDS`], and at most `cap` words.
+fn read_options_for(bytes: &[u8], cap: u64) -> ReadOptions {
+    let words = (bytes.len() as u64).div_ceil(8);
+    let mut options = read_options();
+    options.traversal_limit_words = Some(
+        words
+            .saturating_mul(TRAVERSAL_FACTOR)
+            .saturating_add(TRAVERSAL_SLACK_WORDS)
+            .min(cap),
+    );
+    options
+}
+
+/// How many list elements one decode may still turn into Rust values.
+///
+/// Starts at the message's size in words: every element of every list in the schema costs an
+/// honest encoder at least one word of its own (`UInt64`s are 8 bytes, `StreamStat` and
+/// `ConsumerStat` have data and pointer sections), so no honest message holds more elements, in
+/// all its lists together, than it has words. A dishonest one can declare far more at no cost (a
+/// list of zero-sized structs is a tag word and a count; many list pointers may share one
+/// list): [`ListBudget::take`] refuses such a list before anything is allocated or iterated.
+struct ListBudget {
+    remaining: u64,
+}
+
+impl ListBudget {
+    /// The budget of a message of `bytes` bytes.
+    fn new(bytes: usize) -> Self {
+        Self {
+            remaining: (bytes as u64).div_ceil(8),
+        }
+    }
+
+    /// Takes `len` elements (a list about to be decoded), or fails if the message could not
+    /// honestly hold them.
+    fn take(&mut self, len: u32) -> Result<(), ProtoError> {
+        let len = u64::from(len);
+        if len > self.remaining {
+            return Err(ProtoError::Invalid(
+                "list declares more elements than the message has words",
+            ));
+        }
+        self.remaining -= len;
+        Ok(())
     }
 }
 
@@ -626,7 +685,9 @@ fn aligned_copy(bytes: &[u8]) -> Vec<capnp::Word> {
 
 /// Decodes one framed request (`bytes` must be 8-byte aligned and hold exactly the message).
 pub fn decode_request(bytes: &[u8]) -> Result<Request, ProtoError> {
-    let (message, _) = read_framed(bytes, &read_options())?;
+    let options = read_options_for(bytes, REQUEST_TRAVERSAL_CAP_WORDS);
+    let (message, used) = read_framed(bytes, &options)?;
+    let mut budget = ListBudget::new(used);
     let root: schema::request::Reader<'_> = message.get_root()?;
     use schema::request::Which as W;
     let body = match root.which()? {
@@ -698,6 +759,7 @@ pub fn decode_request(bytes: &[u8]) -> Result<Request, ProtoError> {
             if list.len() as usize > MAX_RELEASE_BATCH {
                 return Err(ProtoError::Invalid("releaseMany longer than 4096"));
             }
+            budget.take(list.len())?;
             Body::ReleaseMany(list.iter().collect())
         }
         W::Stat(()) => Body::Stat,
@@ -871,9 +933,14 @@ fn stream_stat_to(s: &StreamStat, mut b: schema::stream_stat::Builder<'_>) {
     }
 }
 
-fn stream_stat_from(r: schema::stream_stat::Reader<'_>) -> Result<StreamStat, ProtoError> {
-    let mut consumers = Vec::new();
-    for c in r.get_consumers()?.iter() {
+fn stream_stat_from(
+    r: schema::stream_stat::Reader<'_>,
+    budget: &mut ListBudget,
+) -> Result<StreamStat, ProtoError> {
+    let list = r.get_consumers()?;
+    budget.take(list.len())?;
+    let mut consumers = Vec::with_capacity(list.len() as usize);
+    for c in list.iter() {
         consumers.push(ConsumerStat {
             name: name(c.get_name()?)?,
             durable: c.get_durable(),
@@ -1010,9 +1077,12 @@ pub fn encode_server_message(message: &ServerMessage, out: &mut Vec<u8>) {
 
 /// Decodes one framed server message (`bytes` 8-byte aligned, exactly the message).
 pub fn decode_server_message(bytes: &[u8]) -> Result<ServerMessage, ProtoError> {
-    let mut options = read_options();
-    options.traversal_limit_words = Some((MAX_SERVER_MESSAGE_BYTES / 8 * 4) as u64);
-    let (message, _) = read_framed(bytes, &options)?;
+    let options = read_options_for(
+        bytes,
+        (MAX_SERVER_MESSAGE_BYTES / 8) as u64 * TRAVERSAL_FACTOR,
+    );
+    let (message, used) = read_framed(bytes, &options)?;
+    let mut budget = ListBudget::new(used);
     let root: schema::server_message::Reader<'_> = message.get_root()?;
     use schema::server_message::Which as M;
     Ok(match root.which()? {
@@ -1059,13 +1129,15 @@ pub fn decode_server_message(bytes: &[u8]) -> Result<ServerMessage, ProtoError> 
                 R::Got(d) => Ok(Reply::Got(delivery_from(d?))),
                 R::Stat(s) => Ok(Reply::Stat(store_stat_from(s?))),
                 R::Streams(list) => {
-                    let mut out = Vec::new();
-                    for s in list?.iter() {
-                        out.push(stream_stat_from(s)?);
+                    let list = list?;
+                    budget.take(list.len())?;
+                    let mut out = Vec::with_capacity(list.len() as usize);
+                    for s in list.iter() {
+                        out.push(stream_stat_from(s, &mut budget)?);
                     }
                     Ok(Reply::Streams(out))
                 }
-                R::StreamStat(s) => Ok(Reply::StreamStat(stream_stat_from(s?)?)),
+                R::StreamStat(s) => Ok(Reply::StreamStat(stream_stat_from(s?, &mut budget)?)),
             };
             ServerMessage::Response(Response {
                 id: r.get_id(),

@@ -372,3 +372,174 @@ fn write_seeds() {
         .unwrap();
     }
 }
+
+/// `bytes` (a framed single-segment message whose encoder allocated an empty struct list
+/// last) with that list's tag word rewritten to declare `count` zero-sized structs: no data,
+/// no pointers. The list pointer's word count stays 0, exactly what `count` elements of zero
+/// words take, so capnp's own bounds checks accept the list: a message of a few dozen words
+/// claims up to 2^30 - 1 elements.
+fn with_zero_sized_list(mut bytes: Vec<u8>, count: u32) -> Vec<u8> {
+    assert!(count < 1 << 30, "the tag's element count has 30 bits");
+    let at = bytes.len() - 8;
+    let tag = u64::from_le_bytes(bytes[at..].try_into().unwrap());
+    assert_eq!(
+        tag as u32, 0,
+        "the last word is the tag of an empty struct list"
+    );
+    assert_ne!(tag >> 32, 0, "whose elements have a size");
+    bytes[at..].copy_from_slice(&u64::from(count << 2).to_le_bytes());
+    bytes
+}
+
+fn response(result: Reply) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    encode_server_message(
+        &ServerMessage::Response(Response {
+            id: 1,
+            result: Ok(result),
+        }),
+        &mut bytes,
+    );
+    bytes
+}
+
+/// How a decode ended, short (a wrongly accepted list would print millions of elements).
+fn outcome(result: &Result<ServerMessage, proto::ProtoError>) -> String {
+    match result {
+        Ok(ServerMessage::Response(Response {
+            result: Ok(Reply::Streams(list)),
+            ..
+        })) => format!("decoded {} streams", list.len()),
+        Ok(ServerMessage::Response(Response {
+            result: Ok(Reply::StreamStat(stat)),
+            ..
+        })) => format!("decoded {} consumers", stat.consumers.len()),
+        Ok(_) => "decoded something else".into(),
+        Err(e) => format!("{e:?}"),
+    }
+}
+
+fn empty_stream_stat() -> StreamStat {
+    StreamStat {
+        name: "cam0".into(),
+        config: StreamConfig::default().normalized(),
+        first_seq: 0,
+        next_seq: 0,
+        frames: 0,
+        bytes: 0,
+        unconsumed_frames: 0,
+        writing: 0,
+        consumers: Vec::new(),
+        sealed_total: 0,
+        dropped_total: 0,
+        blocked_creates: 0,
+        rejected_creates: 0,
+    }
+}
+
+/// A `streams` reply, and a `streamStat` reply's consumers, of a few hundred bytes declaring
+/// up to 2^30 - 1 zero-sized elements: the decoder refuses the list (more elements than the
+/// message has words) before allocating or iterating, instead of building millions of
+/// `StreamStat`s or `ConsumerStat`s (the `store_control` fuzzer's out-of-memory).
+#[test]
+fn zero_sized_struct_lists_longer_than_the_message_are_refused() {
+    let lists: [(&str, Vec<u8>); 2] = [
+        ("streams", response(Reply::Streams(Vec::new()))),
+        (
+            "consumers",
+            response(Reply::StreamStat(empty_stream_stat())),
+        ),
+    ];
+    for (what, message) in lists {
+        let words = message.len() as u32 / 8;
+        assert!(words < 64, "{what}: {words} words");
+        // Within the bound the crafted list is well formed and decodes (so what fails below
+        // fails for its length alone).
+        let bytes = with_zero_sized_list(message.clone(), 2);
+        let decoded = decode_server_message(capnp::Word::words_to_bytes(&aligned(&bytes)))
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let ServerMessage::Response(Response {
+            result: Ok(reply), ..
+        }) = decoded
+        else {
+            panic!("{what}: {decoded:?}");
+        };
+        match reply {
+            Reply::Streams(list) => assert_eq!(list.len(), 2),
+            Reply::StreamStat(stat) => assert_eq!(stat.consumers.len(), 2),
+            other => panic!("{what}: {other:?}"),
+        }
+        // One more element than the message has words: the list bound refuses it.
+        let bytes = with_zero_sized_list(message.clone(), words + 1);
+        let result = decode_server_message(capnp::Word::words_to_bytes(&aligned(&bytes)));
+        assert!(
+            matches!(result, Err(proto::ProtoError::Invalid(_))),
+            "{what}: {}",
+            outcome(&result)
+        );
+        // Millions (under the old fixed traversal limit of 8 Mi words, which let the fuzzer's
+        // input through) and the most a tag can declare: refused at once, by the list bound
+        // or by the traversal limit relative to the message's size.
+        for count in [4 << 20, (1 << 30) - 1] {
+            let bytes = with_zero_sized_list(message.clone(), count);
+            assert!(bytes.len() < 512, "{what}: {} bytes", bytes.len());
+            let started = std::time::Instant::now();
+            let result = decode_server_message(capnp::Word::words_to_bytes(&aligned(&bytes)));
+            let took = started.elapsed();
+            assert!(
+                matches!(
+                    result,
+                    Err(proto::ProtoError::Invalid(_) | proto::ProtoError::Capnp(_))
+                ),
+                "{what} of {count}: {}",
+                outcome(&result)
+            );
+            assert!(
+                took < std::time::Duration::from_secs(1),
+                "{what} of {count}: took {took:?}"
+            );
+            proto::fuzz_decode(&bytes);
+        }
+    }
+}
+
+/// The list bound and the traversal limit leave honest messages alone: a `releaseMany` of the
+/// most references allowed, and a long `streams` reply whose streams all have consumers.
+#[test]
+fn honest_long_lists_still_decode() {
+    let request = Request {
+        id: 7,
+        body: Body::ReleaseMany((0..proto::MAX_RELEASE_BATCH as u64).collect()),
+    };
+    let mut bytes = Vec::new();
+    encode_request(&request, &mut bytes);
+    assert_eq!(
+        decode_request(capnp::Word::words_to_bytes(&aligned(&bytes))).unwrap(),
+        request
+    );
+    let streams: Vec<StreamStat> = (0..2000)
+        .map(|i| StreamStat {
+            name: format!("stream-{i}"),
+            consumers: (0..3)
+                .map(|c| ConsumerStat {
+                    name: String::new(),
+                    durable: c == 0,
+                    attached: true,
+                    committed: i,
+                    outstanding: c,
+                })
+                .collect(),
+            ..empty_stream_stat()
+        })
+        .collect();
+    let message = ServerMessage::Response(Response {
+        id: 8,
+        result: Ok(Reply::Streams(streams)),
+    });
+    let mut bytes = Vec::new();
+    encode_server_message(&message, &mut bytes);
+    assert_eq!(
+        decode_server_message(capnp::Word::words_to_bytes(&aligned(&bytes))).unwrap(),
+        message
+    );
+}
