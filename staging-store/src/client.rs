@@ -551,12 +551,9 @@ impl Client {
             len: bytes.len() as u64,
         }
         .encode();
-        w.write_all(&header)
+        data::write_with_header(&mut w, &header, bytes)
             .await
-            .map_err(io_err("writing a PUT header"))?;
-        w.write_all(bytes)
-            .await
-            .map_err(io_err("writing frame bytes"))?;
+            .map_err(io_err("writing a PUT"))?;
         Ok(())
     }
 
@@ -828,7 +825,7 @@ async fn data_reader(inner: std::sync::Weak<Inner>, mut read: tokio::net::tcp::O
             return;
         };
         let bytes = &mut capnp::Word::words_to_bytes_mut(&mut words)[..delivery.len as usize];
-        if read.read_exact(bytes).await.is_err() {
+        if data::read_body(&mut read, bytes).await.is_err() {
             break;
         }
         let Some(inner) = inner.upgrade() else {

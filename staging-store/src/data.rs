@@ -15,8 +15,93 @@
 //! control connection and its bytes are read and discarded, so the connection stays usable.
 //! A header with a bad magic, or a length beyond anything the store could hold, ends the data
 //! connection (and with it the seals waiting for its bytes).
+//!
+//! Both ends move a frame's bytes with [`read_body`] and [`write_with_header`]: one vectored
+//! write of header and bytes, and a receive low-water mark so that the reader is woken once
+//! per megabytes, not once per segment.
 
 use crate::proto::Delivery;
+use std::io::{self, IoSlice};
+use std::os::fd::AsRawFd;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+/// The most a reader waits for before it is woken (the receive low-water mark's cap; the
+/// kernel grows the receive buffer to fit it).
+const MAX_LOWAT: usize = 2 << 20;
+
+/// Sets the socket's receive low-water mark: readiness (and a wake-up) only once `bytes` are
+/// queued, or the connection ends.
+fn set_rcvlowat(fd: std::os::fd::RawFd, bytes: usize) -> io::Result<()> {
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `fd` is the open socket of a read half the caller borrows for this call; the
+    // option value points at a live c_int and its size is passed with it.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            std::ptr::from_ref(&value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Fills `dst` from the connection. While more than one segment is missing, the kernel is
+/// asked to wake this reader only when all of it (up to [`MAX_LOWAT`]) has arrived, so a
+/// frame costs a few wake-ups and large copies instead of one per segment. The mark is back
+/// at one byte when this returns.
+pub async fn read_body(rd: &mut OwnedReadHalf, dst: &mut [u8]) -> io::Result<()> {
+    let fd = rd.as_ref().as_raw_fd();
+    let mut filled = 0;
+    let mut lowat = 1;
+    let result = async {
+        while filled < dst.len() {
+            let want = (dst.len() - filled).min(MAX_LOWAT);
+            if want != lowat {
+                set_rcvlowat(fd, want)?;
+                lowat = want;
+            }
+            match rd.read(&mut dst[filled..]).await? {
+                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+                n => filled += n,
+            }
+        }
+        Ok(())
+    }
+    .await;
+    if lowat != 1 {
+        set_rcvlowat(fd, 1)?;
+    }
+    result
+}
+
+/// Writes `header` and `bytes` as one stream of bytes, in as few system calls as the socket
+/// allows (the header does not leave as a segment of its own).
+pub async fn write_with_header(
+    wr: &mut OwnedWriteHalf,
+    header: &[u8],
+    bytes: &[u8],
+) -> io::Result<()> {
+    let (mut header, mut bytes) = (header, bytes);
+    while !header.is_empty() {
+        let n = wr
+            .write_vectored(&[IoSlice::new(header), IoSlice::new(bytes)])
+            .await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        let from_header = n.min(header.len());
+        header = &header[from_header..];
+        bytes = &bytes[n - from_header..];
+    }
+    wr.write_all(bytes).await
+}
 
 /// ATTACH header length.
 pub const ATTACH_LEN: usize = 24;

@@ -32,7 +32,7 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{mpsc, Notify};
 
@@ -626,7 +626,7 @@ async fn data_reader(
                         put.len as usize,
                     )
                 };
-                let result = rd.read_exact(dst).await;
+                let result = data::read_body(rd, dst).await;
                 drop(lease);
                 let mut sh = shared.borrow_mut();
                 let mut outs = Vec::new();
@@ -668,7 +668,10 @@ async fn data_writer(
             Ok(b) => b,
             Err(_) => return,
         };
-        if wr.write_all(&header).await.is_err() || wr.write_all(bytes).await.is_err() {
+        if data::write_with_header(&mut wr, &header, bytes)
+            .await
+            .is_err()
+        {
             return;
         }
         shared.borrow_mut().io.data_bytes_out += delivery.len;

@@ -338,6 +338,75 @@ pub(crate) async fn guarded<T>(
     }
 }
 
+/// How a system's producer and consumer are placed on threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Layout {
+    /// Both on one current-thread runtime (one core for the clients).
+    OneThread,
+    /// Each on a thread of its own (a current-thread runtime each), as two operators in two
+    /// processes would be. Not the default of any system: on the 2-core machines the
+    /// benchmark runs on, it gave neither Redis nor the store more frames/s (see redis.rs
+    /// and staging.rs); kept for re-measuring.
+    #[cfg_attr(not(test), allow(dead_code))]
+    TwoThreads,
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, StoreBenchError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(StoreBenchError::io("tokio runtime"))
+}
+
+/// Runs a system's two sides (each already [`guarded`]) placed as `layout` says. Returns
+/// what each side returned, or the failure that came first (not the abort it caused on the
+/// other side).
+pub(crate) fn run_sides<P, C>(
+    flow: &Flow,
+    layout: Layout,
+    producer: impl std::future::Future<Output = Result<P, StoreBenchError>> + Send,
+    consumer: impl std::future::Future<Output = Result<C, StoreBenchError>> + Send,
+) -> Result<(P, C), StoreBenchError>
+where
+    P: Send,
+    C: Send,
+{
+    let (produced, consumed) = match layout {
+        Layout::OneThread => {
+            return runtime()?.block_on(async { tokio::try_join!(producer, consumer) });
+        }
+        Layout::TwoThreads => std::thread::scope(|scope| {
+            let p = std::thread::Builder::new()
+                .name("bench-producer".into())
+                .spawn_scoped(scope, || runtime()?.block_on(producer));
+            let c = std::thread::Builder::new()
+                .name("bench-consumer".into())
+                .spawn_scoped(scope, || runtime()?.block_on(consumer));
+            (join_side(flow, p), join_side(flow, c))
+        }),
+    };
+    match (produced, consumed) {
+        (Ok(p), Ok(c)) => Ok((p, c)),
+        (Err(e), Err(StoreBenchError::Aborted)) | (_, Err(e)) | (Err(e), _) => Err(e),
+    }
+}
+
+/// Waits for a client thread; a thread that could not be spawned stops the other side.
+fn join_side<T>(
+    flow: &Flow,
+    thread: std::io::Result<std::thread::ScopedJoinHandle<'_, Result<T, StoreBenchError>>>,
+) -> Result<T, StoreBenchError> {
+    match thread {
+        Ok(thread) => thread
+            .join()
+            .map_err(|_| StoreBenchError::Thread("a client thread panicked".into()))?,
+        Err(e) => {
+            flow.abort();
+            Err(StoreBenchError::io("spawning a client thread")(e))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -28,7 +28,7 @@
 //! frames/s on the 2-core CI machine kind (1080p, 8 alternating runs each: median 396 vs 411
 //! frames/s for one thread) and cost more client CPU per frame (cross-thread wake-ups).
 
-use super::flow::{guarded, Flow, Measured, Receipts, STALL};
+use super::flow::{guarded, run_sides as run_clients, Flow, Layout, Measured, Receipts, STALL};
 use super::frames::FrameTemplate;
 use super::resp::{Key, Reply, RespError, RespReader, RespWriter};
 use super::{Case, StoreBenchError};
@@ -243,17 +243,6 @@ fn ping(addr: SocketAddr) -> std::io::Result<()> {
     }
 }
 
-/// How the two clients are placed on threads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Layout {
-    /// Producer and consumer tasks on one current-thread runtime (one core for the clients,
-    /// one for redis-server on a 2-core machine).
-    OneThread,
-    /// Producer and consumer each on a thread of their own (a current-thread runtime each).
-    #[cfg_attr(not(test), allow(dead_code))]
-    TwoThreads,
-}
-
 /// The layout `frame-bench store` uses for Redis.
 const LAYOUT: Layout = Layout::OneThread;
 
@@ -304,56 +293,10 @@ fn run_sides(
             .await
         }
     };
-    let runtime = || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(StoreBenchError::io("tokio runtime"))
-    };
-    let receipts = match layout {
-        Layout::OneThread => {
-            let (_, receipts) =
-                runtime()?.block_on(async { tokio::try_join!(producer, consumer) })?;
-            receipts
-        }
-        Layout::TwoThreads => {
-            let (produced, consumed) = std::thread::scope(|scope| {
-                let p = std::thread::Builder::new()
-                    .name("redis-producer".into())
-                    .spawn_scoped(scope, || runtime()?.block_on(producer));
-                let c = std::thread::Builder::new()
-                    .name("redis-consumer".into())
-                    .spawn_scoped(scope, || runtime()?.block_on(consumer));
-                (join_side(&flow, p), join_side(&flow, c))
-            });
-            match (produced, consumed) {
-                (Ok(()), Ok(receipts)) => receipts,
-                // The side that failed first, not the one it stopped.
-                (Err(e), Err(StoreBenchError::Aborted)) | (_, Err(e)) | (Err(e), _) => {
-                    return Err(e)
-                }
-            }
-        }
-    };
+    let ((), receipts) = run_clients(&flow, layout, producer, consumer)?;
     let measured = Measured::from(&receipts)?;
     drop(server);
     Ok(measured)
-}
-
-/// Waits for a client thread; a thread that could not be spawned stops the other side.
-fn join_side<T>(
-    flow: &Flow,
-    thread: std::io::Result<std::thread::ScopedJoinHandle<'_, Result<T, StoreBenchError>>>,
-) -> Result<T, StoreBenchError> {
-    match thread {
-        Ok(thread) => thread
-            .join()
-            .map_err(|_| StoreBenchError::Thread("a client thread panicked".into()))?,
-        Err(e) => {
-            flow.abort();
-            Err(StoreBenchError::io("spawning a client thread")(e))
-        }
-    }
 }
 
 async fn connect(addr: SocketAddr) -> Result<(OwnedReadHalf, OwnedWriteHalf), StoreBenchError> {

@@ -56,6 +56,8 @@ pub(super) struct Record {
     cpu_s_per_frame: f64,
     /// The server process's CPU time per measured frame (`null` without a server process).
     server_cpu_s_per_frame: Option<f64>,
+    /// Both together: what one frame costs the machine (`null` without a server process).
+    total_cpu_s_per_frame: Option<f64>,
     /// This process's CPU time over the wall time: cores the clients kept busy.
     cpu_cores: f64,
     /// The same for the server process.
@@ -91,6 +93,7 @@ impl Record {
             max_us: m.latency.max_ns / 1e3,
             cpu_s_per_frame: per(cpu, m.frames),
             server_cpu_s_per_frame: server_cpu.map(|s| per(s, m.frames)),
+            total_cpu_s_per_frame: server_cpu.map(|s| per(cpu + s, m.frames)),
             cpu_cores: if secs > 0.0 { cpu / secs } else { 0.0 },
             server_cpu_cores: server_cpu.map(|s| if secs > 0.0 { s / secs } else { 0.0 }),
             elapsed_s: secs,
@@ -150,7 +153,7 @@ pub(super) fn table(records: &[Record], control: Option<&ControlRecord>) -> Stri
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\n{:<17} {:<5} {:>7} {:>6} {:>10} {:>7} {:>10} {:>10} {:>11} {:>11} {:>7} {:>8}",
+        "\n{:<17} {:<5} {:>7} {:>6} {:>10} {:>7} {:>10} {:>10} {:>11} {:>11} {:>11} {:>7} {:>8}",
         "system",
         "frame",
         "frames",
@@ -161,13 +164,14 @@ pub(super) fn table(records: &[Record], control: Option<&ControlRecord>) -> Stri
         "p99 us",
         "CPU us/fr",
         "srv us/fr",
+        "all us/fr",
         "whole",
         "x redis"
     );
     for r in records {
         let _ = writeln!(
             out,
-            "{:<17} {:<5} {:>7} {:>6} {:>10.1} {:>7.2} {:>10.1} {:>10.1} {:>11.1} {:>11} {:>7} {:>8}",
+            "{:<17} {:<5} {:>7} {:>6} {:>10.1} {:>7.2} {:>10.1} {:>10.1} {:>11.1} {:>11} {:>11} {:>7} {:>8}",
             r.system,
             r.frame,
             r.frames,
@@ -178,6 +182,7 @@ pub(super) fn table(records: &[Record], control: Option<&ControlRecord>) -> Stri
             r.p99_us,
             r.cpu_s_per_frame * 1e6,
             opt(r.server_cpu_s_per_frame.map(|s| s * 1e6), 1),
+            opt(r.total_cpu_s_per_frame.map(|s| s * 1e6), 1),
             r.whole_writes.map_or_else(|| "-".to_string(), |n| n.to_string()),
             opt(r.x_redis, 2),
         );
@@ -185,7 +190,7 @@ pub(super) fn table(records: &[Record], control: Option<&ControlRecord>) -> Stri
     let _ = writeln!(
         out,
         "(CPU: this process, producer + consumer; srv: the server process, from /proc, 10 ms \
-         resolution; whole: measured frames the producer wrote or sent whole, the others only \
+         resolution; all: both; whole: measured frames the producer wrote or sent whole, the others only \
          restamped in place)"
     );
     if let Some(c) = control {
