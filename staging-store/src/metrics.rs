@@ -8,6 +8,7 @@
 
 use crate::proto::{StoreStat, StreamStat};
 use crate::server::{IoCounters, Shared};
+use crate::store::BlockCounts;
 use capnp_rdma::RegionStats;
 use std::cell::RefCell;
 use std::fmt::Write as _;
@@ -25,6 +26,7 @@ fn escape(label: &str) -> String {
 /// Renders the metrics in the Prometheus text format (version 0.0.4).
 pub fn render(
     stat: &StoreStat,
+    blocks: &BlockCounts,
     region: &RegionStats,
     streams: &[StreamStat],
     io: &IoCounters,
@@ -59,14 +61,26 @@ pub fn render(
     metric(
         "blocks_in_use",
         "gauge",
-        "Blocks allocated.",
-        &one(region.blocks_in_use),
+        "Blocks held by frames, grants and sends in flight (stat's blocksInUse).",
+        &one(blocks.held),
     );
     metric(
         "bytes_in_use",
         "gauge",
-        "Bytes of allocated blocks.",
-        &one(region.bytes_in_use),
+        "Bytes of the blocks held by frames, grants and sends in flight.",
+        &one(blocks.held * stat.block_bytes),
+    );
+    metric(
+        "blocks_recycled",
+        "gauge",
+        "Freed frames' blocks kept un-zeroed for dirtyOk creates (free for the store).",
+        &one(blocks.recycled),
+    );
+    metric(
+        "blocks_allocated",
+        "gauge",
+        "Blocks allocated in the region's bitmap: held, recycled and waiting to be zeroed.",
+        &one(blocks.allocated),
     );
     metric(
         "scrub_pending_bytes",
@@ -285,7 +299,8 @@ pub(crate) async fn serve(listener: TcpListener, shared: Rc<RefCell<Shared>>) {
         let body = {
             let sh = shared.borrow();
             render(
-                &sh.store.stat(),
+                &sh.store.stat_now(),
+                &sh.store.blocks(),
                 &sh.store.region().stats(),
                 &sh.store.stream_stats(),
                 &sh.io,

@@ -12,9 +12,13 @@
 //! ```
 //!
 //! - **An object** is a run of region blocks ([`BlockLease`]) with a reference count: one for
-//!   its place in the stream, one per delivery or get a client holds. Its blocks return to the
-//!   region exactly when the count reaches zero (a server task still sending its bytes holds
-//!   the lease a little longer, so blocks are never reused under a send).
+//!   its place in the stream, one per delivery or get a client holds. Its blocks are free
+//!   exactly when the count reaches zero (a server task still sending its bytes holds the
+//!   lease a little longer, so blocks are never reused under a send): back in the region, or,
+//!   for a sealed frame, in the store's recycled pool, from which the next `dirtyOk` create
+//!   of that size takes them without a zeroing pass and is told which frame of its stream
+//!   they still hold ("buffer age"). The pool goes back to the region whenever the region
+//!   runs short, and `stat`/metrics count its blocks as free.
 //! - **Sessions** are connections. Everything a session holds — grants being written,
 //!   deliveries, gets, subscriptions — is dropped when it disconnects ([`Store::disconnect`]):
 //!   no leases with timeouts, and a grant that was never sealed is never readable.
@@ -271,6 +275,21 @@ struct Recycled {
     by_len: HashMap<u64, Vec<(BlockLease, Freed)>>,
     bytes: u64,
     reused: u64,
+}
+
+/// Where the region's blocks are ([`Store::blocks`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockCounts {
+    /// Allocated in the region's bitmap: the three below.
+    pub allocated: u64,
+    /// Held by frames, grants and sends in flight: back in the region when their last
+    /// reference goes.
+    pub held: u64,
+    /// Freed frames' blocks kept un-zeroed for `dirtyOk` creates (the store's free list;
+    /// given back to the region when it runs short).
+    pub recycled: u64,
+    /// Released, waiting for the scrubber to zero them.
+    pub scrubbing: u64,
 }
 
 /// The frame a recycled lease held, as it was sealed.
@@ -668,7 +687,6 @@ impl Store {
 
     /// Store-wide state and counters.
     pub fn stat(&self) -> StoreStat {
-        let mut stat = self.stat;
         // `blocksInUse` is what live objects (and sends still in flight) hold, so that a
         // frame's blocks are seen back exactly when its last reference goes. Two things would
         // blur that: released blocks stay allocated in the region until its background scrubber
@@ -676,17 +694,37 @@ impl Store {
         // and the recycled pool keeps freed frames' blocks for `dirtyOk` creates — they are the
         // store's free list, not held by anything, so they do not count.
         self.region.quiesce();
-        let recycled_blocks = self.recycled.bytes / self.region.block_size();
-        stat.blocks_in_use = self
-            .region
-            .stats()
-            .blocks_in_use
-            .saturating_sub(recycled_blocks);
+        self.stat_now()
+    }
+
+    /// [`Store::stat`] without waiting for the scrubber: `blocks_in_use` may still count
+    /// blocks the scrubber is about to take (for metrics, which must not stall the server).
+    pub fn stat_now(&self) -> StoreStat {
+        let mut stat = self.stat;
+        stat.blocks_in_use = self.blocks().held;
         stat.objects = self.objects.len() as u64;
         stat.sessions = self.sessions.len() as u32;
         stat.streams = self.streams.len() as u32;
         stat.recycled_grants = self.recycled.reused;
         stat
+    }
+
+    /// Where the region's blocks are now, without waiting for the scrubber (a gauge for
+    /// metrics; [`Store::stat`] waits, so its `blocks_in_use` is exact).
+    pub fn blocks(&self) -> BlockCounts {
+        let block = self.region.block_size();
+        let region = self.region.stats();
+        let recycled = self.recycled.bytes / block;
+        let scrubbing = region.scrub_pending.div_ceil(block);
+        BlockCounts {
+            allocated: region.blocks_in_use,
+            recycled,
+            scrubbing,
+            held: region
+                .blocks_in_use
+                .saturating_sub(recycled)
+                .saturating_sub(scrubbing),
+        }
     }
 
     /// Every stream's state, sorted by name.

@@ -859,8 +859,19 @@ async fn metrics_endpoint_reports_the_store() {
         metric(&body, "staging_store_stream_frames{stream=\"m\"}"),
         1
     );
-    // (The region gauge also counts freed blocks the scrubber or the recycled pool still
-    // has, so after frees only the objects are exact.)
     assert_eq!(metric(&body, "staging_store_objects"), 1);
     assert_eq!(metric(&body, "staging_store_releases_total"), 3);
+    // Frames 0 and 1 are freed: their blocks are no longer in use. (`put` asks for reused
+    // blocks, so they wait in the recycled pool instead of the scrubber.)
+    let stat = producer.stat().await.unwrap();
+    let body = scrape(addr).await;
+    assert_eq!(stat.blocks_in_use, 1, "the retained frame 2");
+    assert_eq!(metric(&body, "staging_store_blocks_in_use"), 1, "as stat");
+    assert_eq!(metric(&body, "staging_store_blocks_recycled"), 2);
+    assert_eq!(metric(&body, "staging_store_blocks_allocated"), 3);
+    assert_eq!(
+        metric(&body, "staging_store_bytes_in_use"),
+        stat.block_bytes,
+        "one block"
+    );
 }
