@@ -53,7 +53,7 @@ fn set_rcvlowat(fd: std::os::fd::RawFd, bytes: usize) -> io::Result<()> {
 }
 
 /// Fills `dst` from the connection. While more than one segment is missing, the kernel is
-/// asked to wake this reader only when all of it (up to [`MAX_LOWAT`]) has arrived, so a
+/// asked to wake this reader only when all of it (up to 2 MiB) has arrived, so a
 /// frame costs a few wake-ups and large copies instead of one per segment. The mark is back
 /// at one byte when this returns.
 pub async fn read_body(rd: &mut OwnedReadHalf, dst: &mut [u8]) -> io::Result<()> {
