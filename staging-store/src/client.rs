@@ -122,6 +122,8 @@ struct Inner {
     /// tcp: receive buffers of dropped frames, read into again by the next deliveries (memory
     /// already mapped and faulted in, not zeroed again per frame).
     spare: Mutex<Vec<Vec<capnp::Word>>>,
+    /// Subscriptions this client closed: deliveries still on their way to them are released.
+    closed_subscriptions: Mutex<std::collections::HashSet<u32>>,
 }
 
 /// Receive buffers a client keeps for reuse.
@@ -392,6 +394,7 @@ impl Client {
             data: data.map(tokio::sync::Mutex::new),
             notices: Mutex::new(Vec::new()),
             spare: Mutex::new(Vec::new()),
+            closed_subscriptions: Mutex::new(std::collections::HashSet::new()),
         });
         tokio::spawn(control_reader(Arc::downgrade(&inner), read, buf));
         Client { inner }
@@ -698,6 +701,7 @@ impl Client {
             from_seq,
             rx,
             early: early.into(),
+            closed: false,
         })
     }
 
@@ -750,6 +754,21 @@ fn route_incoming(inner: &Arc<Inner>, subscription: u32, item: Incoming) {
     match subs.get(&subscription) {
         Some(tx) => {
             let _ = tx.send(item);
+        }
+        // Sent before the store saw this client's unsubscribe: nobody will take it.
+        None if inner
+            .closed_subscriptions
+            .lock()
+            .expect("not poisoned")
+            .contains(&subscription) =>
+        {
+            drop(subs);
+            if let Ok((delivery, _)) = item {
+                let _ = (Client {
+                    inner: Arc::clone(inner),
+                })
+                .release_nowait(delivery.reference);
+            }
         }
         // A delivery can overtake the `subscribed` answer's waiter: keep it for `subscribe`.
         None => inner
@@ -858,6 +877,7 @@ pub struct Subscription {
     from_seq: u64,
     rx: mpsc::UnboundedReceiver<Incoming>,
     early: std::collections::VecDeque<Incoming>,
+    closed: bool,
 }
 
 impl Subscription {
@@ -891,14 +911,56 @@ impl Subscription {
 
     /// Ends the subscription; frames it delivered and that are not released go back to the
     /// stream (a durable consumer gets them again when it resumes).
-    pub async fn close(self) -> Result<(), ClientError> {
-        self.client
-            .inner
+    pub async fn close(mut self) -> Result<(), ClientError> {
+        let queued = self.detach();
+        let result = self.client.call(Body::Unsubscribe(self.id)).await.map(drop);
+        self.release_queued(queued);
+        result
+    }
+
+    /// Stops routing deliveries here (later ones are released as they arrive) and takes the
+    /// ones queued and never handed out.
+    fn detach(&mut self) -> Vec<Delivery> {
+        self.closed = true;
+        let inner = &self.client.inner;
+        inner
             .subscriptions
             .lock()
             .expect("not poisoned")
             .remove(&self.id);
-        self.client.call(Body::Unsubscribe(self.id)).await.map(drop)
+        inner
+            .closed_subscriptions
+            .lock()
+            .expect("not poisoned")
+            .insert(self.id);
+        self.rx.close();
+        let mut queued: Vec<Delivery> = self.early.drain(..).flatten().map(|(d, _)| d).collect();
+        while let Ok(item) = self.rx.try_recv() {
+            queued.extend(item.ok().map(|(d, _)| d));
+        }
+        queued
+    }
+
+    /// Gives frames that were never handed out back to the store (after the unsubscribe:
+    /// unacknowledged, so a durable consumer gets them again when it resumes).
+    fn release_queued(&self, queued: Vec<Delivery>) {
+        for delivery in queued {
+            let _ = self.client.release_nowait(delivery.reference);
+        }
+    }
+}
+
+impl Drop for Subscription {
+    /// Unsubscribes without waiting: the store stops delivering, and frames delivered but
+    /// not yet taken with `next` go back to it (a durable consumer gets them again when it
+    /// resumes). Frames already taken stay valid until released or dropped.
+    fn drop(&mut self) {
+        if self.closed {
+            return;
+        }
+        let queued = self.detach();
+        let _ = self.client.send(Body::Unsubscribe(self.id), false);
+        self.release_queued(queued);
     }
 }
 

@@ -1737,7 +1737,9 @@ impl Store {
                 format!("no subscription {sub} in this session"),
             ));
         }
-        self.end_subscription(session, sub, false, out);
+        // Frames the client holds stay valid until it releases them (it may be reading them
+        // in place); released after this, they are not acknowledged.
+        self.end_subscription(session, sub, true, out);
         Ok(Reply::Ok)
     }
 
@@ -1745,9 +1747,10 @@ impl Store {
     /// durable consumer gets them again when it resumes), and its consumer detaches (an
     /// anonymous one is removed).
     ///
-    /// `keep_held`: the deliveries stay held instead — the store ended the subscription (its
-    /// stream was deleted) and the client may still be reading them in place; they go when
-    /// it releases them or disconnects (`release` copes with their subscription being gone).
+    /// `keep_held`: the deliveries stay held instead — the client unsubscribed, or the store
+    /// ended the subscription (its stream was deleted), and the client may still be reading
+    /// them in place; they go when it releases them (unacknowledged: `release` copes with
+    /// their subscription being gone) or disconnects.
     fn end_subscription(
         &mut self,
         session: SessionId,

@@ -875,3 +875,99 @@ async fn metrics_endpoint_reports_the_store() {
         "one block"
     );
 }
+
+/// Dropping (or closing) a subscription detaches its consumer at once — frames queued for
+/// it and not taken go back unacknowledged, so the producer is not held up — while a frame
+/// the client took stays valid (it may be reading it in place) until it is released. The
+/// durable consumer resumes with every frame it had not released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_subscription_detaches_and_frames_taken_stay_valid() {
+    for addr_of in [common::TestStore::unix, common::TestStore::tcp] {
+        let store = start("lc-drop-sub", || memory_store(16 << 20));
+        let producer = within(Client::connect(&store.unix(), "producer"))
+            .await
+            .unwrap();
+        let consumer = within(Client::connect(&addr_of(&store), "consumer"))
+            .await
+            .unwrap();
+        producer
+            .create_stream(
+                "s",
+                StreamConfig {
+                    max_frames: 3,
+                    on_full: FullPolicy::Reject,
+                    ..Default::default()
+                },
+                false,
+            )
+            .await
+            .unwrap();
+        let mut sub = within(consumer.subscribe("s", "enc", Cursor::Oldest, 3))
+            .await
+            .unwrap();
+        let frames: Vec<Vec<u8>> = (0..3).map(|seq| framed(64, 32, seq)).collect();
+        for (seq, bytes) in frames.iter().enumerate() {
+            assert_eq!(producer.put("s", bytes).await.unwrap(), seq as u64);
+        }
+        let taken = next(&mut sub).await;
+        assert_eq!(taken.seq(), 0);
+        // Frames 1 and 2 were delivered (or are on their way) and never taken.
+        drop(sub);
+        // The consumer is detached: nothing is outstanding but the frame taken...
+        wait_until("the consumer detaches", || async {
+            let s = producer.stream_stat("s").await.unwrap();
+            let c = &s.consumers[0];
+            !c.attached && c.outstanding == 0
+        })
+        .await;
+        // ...whose bytes are intact, and whose blocks are not reused while it is held.
+        assert_eq!(taken.bytes(), &frames[0][..]);
+        // The stream is still full: the frames are the durable consumer's until released.
+        assert_eq!(
+            failed(producer.put("s", &framed(64, 32, 3)).await),
+            ErrorCode::StreamFull
+        );
+        assert_eq!(taken.bytes(), &frames[0][..]);
+        taken.release().await.unwrap();
+        // Resuming delivers every frame it had not acknowledged, in order.
+        let mut sub = within(consumer.subscribe("s", "enc", Cursor::Resume, 3))
+            .await
+            .unwrap();
+        for (seq, bytes) in frames.iter().enumerate() {
+            let f = next(&mut sub).await;
+            assert_eq!((f.seq(), f.bytes()), (seq as u64, &bytes[..]));
+            f.release().await.unwrap();
+        }
+        sub.close().await.unwrap();
+        let s = producer.stat().await.unwrap();
+        assert_eq!((s.objects, s.blocks_in_use), (0, 0));
+        assert_eq!(producer.put("s", &framed(64, 32, 3)).await.unwrap(), 3);
+    }
+}
+
+/// An anonymous consumer's frame taken before `close` stays held (its blocks are not
+/// reused under it) even though nobody else wants the frame any more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_taken_before_close_outlives_its_anonymous_consumer() {
+    let store = start("lc-close-held", || memory_store(16 << 20));
+    let c = within(Client::connect(&store.unix(), "shm")).await.unwrap();
+    c.create_stream("s", StreamConfig::default(), false)
+        .await
+        .unwrap();
+    let mut sub = within(c.subscribe("s", "", Cursor::Oldest, 4))
+        .await
+        .unwrap();
+    let frame0 = framed(64, 32, 0);
+    c.put("s", &frame0).await.unwrap();
+    let taken = next(&mut sub).await;
+    sub.close().await.unwrap();
+    // The stream keeps nothing now; more frames of the same size would reuse freed blocks.
+    for seq in 1..4 {
+        c.put("s", &framed(64, 32, seq)).await.unwrap();
+    }
+    assert_eq!(taken.bytes(), &frame0[..]);
+    assert_eq!(c.stat().await.unwrap().objects, 1, "only the frame taken");
+    taken.release().await.unwrap();
+    let s = c.stat().await.unwrap();
+    assert_eq!((s.objects, s.blocks_in_use), (0, 0));
+}
