@@ -297,4 +297,7 @@ struct ServerMessage {
 struct Ended {
   subscription @0 :UInt32;
   reason @1 :Error;
+  # Frames the subscription was delivered in all. A tcp client's frames travel on its data
+  # connection, so some may arrive after this message: the subscription ends once it has them.
+  delivered @2 :UInt64;
 }

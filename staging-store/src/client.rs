@@ -103,8 +103,9 @@ enum Bytes {
     Owned(Vec<capnp::Word>),
 }
 
-/// What the reader tasks hand a subscription.
-type Incoming = Result<(Delivery, Option<Vec<capnp::Word>>), StoreError>;
+/// What the reader tasks hand a subscription: a frame (its bytes, for tcp), or the end of the
+/// subscription with the number of frames it was delivered in all.
+type Incoming = Result<(Delivery, Option<Vec<capnp::Word>>), (StoreError, u64)>;
 
 struct Inner {
     writer: mpsc::UnboundedSender<Vec<u8>>,
@@ -702,6 +703,8 @@ impl Client {
             rx,
             early: early.into(),
             closed: false,
+            received: 0,
+            ended: None,
         })
     }
 
@@ -812,7 +815,8 @@ async fn control_reader(
             ServerMessage::Ended {
                 subscription,
                 reason,
-            } => route_incoming(&inner, subscription, Err(reason)),
+                delivered,
+            } => route_incoming(&inner, subscription, Err((reason, delivered))),
             ServerMessage::Notice(e) => inner.notices.lock().expect("not poisoned").push(e),
         }
     }
@@ -878,6 +882,10 @@ pub struct Subscription {
     rx: mpsc::UnboundedReceiver<Incoming>,
     early: std::collections::VecDeque<Incoming>,
     closed: bool,
+    /// Frames taken with `next`.
+    received: u64,
+    /// The store ended it: why, and after how many frames.
+    ended: Option<(StoreError, u64)>,
 }
 
 impl Subscription {
@@ -894,11 +902,27 @@ impl Subscription {
     /// The next frame (waits for one). `Err(Closed)` when the connection ends; a store error
     /// when the subscription ended (its stream was deleted).
     pub async fn next(&mut self) -> Result<FrameRef, ClientError> {
-        let item = match self.early.pop_front() {
-            Some(item) => item,
-            None => self.rx.recv().await.ok_or(ClientError::Closed)?,
+        let (delivery, words) = loop {
+            // Ended once every frame it was delivered is here (over tcp, frames travel on
+            // the data connection and may come after the control connection's `ended`).
+            if let Some((reason, delivered)) = &self.ended {
+                if self.received >= *delivered {
+                    return Err(ClientError::Store(reason.clone()));
+                }
+            }
+            let item = match self.early.pop_front() {
+                Some(item) => item,
+                None => match self.rx.recv().await {
+                    Some(item) => item,
+                    None => return Err(ClientError::Closed),
+                },
+            };
+            match item {
+                Ok(frame) => break frame,
+                Err(end) => self.ended = Some(end),
+            }
         };
-        let (delivery, words) = item?;
+        self.received += 1;
         let bytes =
             match words {
                 Some(words) => Bytes::Owned(words),

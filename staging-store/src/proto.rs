@@ -524,6 +524,8 @@ pub enum ServerMessage {
         subscription: u32,
         /// Why.
         reason: StoreError,
+        /// Frames it was delivered in all (a tcp client's may still be on the data connection).
+        delivered: u64,
     },
     /// An error outside any request.
     Notice(StoreError),
@@ -1065,9 +1067,11 @@ pub fn encode_server_message(message: &ServerMessage, out: &mut Vec<u8>) {
         ServerMessage::Ended {
             subscription,
             reason,
+            delivered,
         } => {
             let mut e = root.init_ended();
             e.set_subscription(*subscription);
+            e.set_delivered(*delivered);
             error_to(reason, e.init_reason());
         }
         ServerMessage::Notice(e) => error_to(e, root.init_notice()),
@@ -1150,6 +1154,7 @@ pub fn decode_server_message(bytes: &[u8]) -> Result<ServerMessage, ProtoError> 
             ServerMessage::Ended {
                 subscription: e.get_subscription(),
                 reason: error_from(e.get_reason()?)?,
+                delivered: e.get_delivered(),
             }
         }
         M::Notice(e) => ServerMessage::Notice(error_from(e?)?),
@@ -1502,6 +1507,7 @@ mod tests {
             ServerMessage::Ended {
                 subscription: 4,
                 reason: StoreError::new(ErrorCode::UnknownStream, "deleted"),
+                delivered: 12,
             },
             ServerMessage::Response(Response {
                 id: 3,

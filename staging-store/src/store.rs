@@ -234,6 +234,8 @@ struct Subscription {
     window: u32,
     outstanding: u32,
     next: u64,
+    /// Frames delivered in all.
+    delivered: u64,
 }
 
 #[derive(Debug)]
@@ -1035,6 +1037,11 @@ impl Store {
             .map(|p| (p.session, p.request))
             .collect();
         for (session, sub) in attached {
+            let delivered = self
+                .sessions
+                .get(&session)
+                .and_then(|s| s.subscriptions.get(&sub))
+                .map_or(0, |s| s.delivered);
             // Frames the consumers hold stay valid until released (see `Body::DeleteStream`).
             self.end_subscription(session, sub, true, out);
             out.push(Out::Message(
@@ -1042,6 +1049,7 @@ impl Store {
                 ServerMessage::Ended {
                     subscription: sub,
                     reason: err(ErrorCode::UnknownStream, format!("stream {name:?} deleted")),
+                    delivered,
                 },
             ));
         }
@@ -1708,6 +1716,7 @@ impl Store {
                 window,
                 outstanding: 0,
                 next: from_seq,
+                delivered: 0,
             },
         );
         if durable {
@@ -2011,6 +2020,7 @@ impl Store {
                 let s = self.sessions.get_mut(&session).expect("present");
                 let subscription = s.subscriptions.get_mut(&sub).expect("present");
                 subscription.outstanding += 1;
+                subscription.delivered += 1;
                 subscription.next = frame.seq + 1;
                 self.stat.deliveries += 1;
                 if s.transport != Some(Transport::Tcp) {

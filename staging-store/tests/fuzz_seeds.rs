@@ -220,6 +220,7 @@ impl Rng {
                 return ServerMessage::Ended {
                     subscription: self.num() as u32,
                     reason: self.error(),
+                    delivered: self.num(),
                 }
             }
             _ => return ServerMessage::Notice(self.error()),

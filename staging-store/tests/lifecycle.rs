@@ -971,3 +971,46 @@ async fn a_frame_taken_before_close_outlives_its_anonymous_consumer() {
     let s = c.stat().await.unwrap();
     assert_eq!((s.objects, s.blocks_in_use), (0, 0));
 }
+
+/// A tcp consumer's frames travel on its data connection, the end of its subscription on the
+/// control connection: when the stream is deleted with frames still on their way, the
+/// subscription yields every frame it was delivered before it reports the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_stream_ends_a_tcp_subscription_after_its_last_frame() {
+    let store = start("lc-end-tcp", || memory_store(64 << 20));
+    let producer = within(Client::connect(&store.unix(), "producer"))
+        .await
+        .unwrap();
+    let consumer = within(Client::connect(&store.tcp(), "consumer"))
+        .await
+        .unwrap();
+    producer
+        .create_stream("big", StreamConfig::default(), false)
+        .await
+        .unwrap();
+    let mut sub = within(consumer.subscribe("big", "", Cursor::Oldest, 4))
+        .await
+        .unwrap();
+    // 4 frames of 1.5 MB: more than the sockets buffer, still on their way when the
+    // stream goes.
+    let frames: Vec<Vec<u8>> = (0..4).map(|seq| framed(1024, 1024, seq)).collect();
+    for bytes in &frames {
+        producer.put("big", bytes).await.unwrap();
+    }
+    producer.delete_stream("big").await.unwrap();
+    for (seq, bytes) in frames.iter().enumerate() {
+        let f = next(&mut sub).await;
+        assert_eq!(f.seq(), seq as u64);
+        assert!(f.bytes() == &bytes[..], "frame {seq} intact");
+    }
+    let end = within(sub.next()).await.unwrap_err();
+    assert!(
+        matches!(&end, ClientError::Store(e) if e.code == ErrorCode::UnknownStream),
+        "{end:?}"
+    );
+    // And it stays ended.
+    assert!(matches!(
+        within(sub.next()).await,
+        Err(ClientError::Store(_))
+    ));
+}
