@@ -149,3 +149,241 @@ async fn frame_1080p_over_rdma() {
     );
     assert!(stats.sleeps >= 1 && stats.wakes >= 1, "{stats:?}");
 }
+
+// One-sided RDMA over RC (`verbs::rc`): a client moves bytes into and out of a store's region
+// with RDMA WRITE and READ; the store's side of the connection posts and polls nothing.
+
+use capnp_rdma::transport::verbs::rc::{RcConnection, RcListener, RcRegion};
+
+/// A client connection and the store's end of it, between two regions registered for RC.
+async fn rc_pair(
+    device: &VerbsDevice,
+    client: &Region,
+    store: &Region,
+    window: u32,
+) -> (RcConnection, RcConnection) {
+    let options = VerbsOptions {
+        window,
+        ..VerbsOptions::from_env()
+    };
+    let store = RcRegion::register(device, store).unwrap();
+    let client = RcRegion::register(device, client).unwrap();
+    let listener = RcListener::bind("127.0.0.1:0", &store, &options)
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accept = tokio::spawn(async move { listener.accept().await });
+    let conn = RcConnection::connect(addr, &client, &options)
+        .await
+        .unwrap();
+    (conn, accept.await.unwrap().unwrap())
+}
+
+/// `len` bytes of a pattern that differs per `seed`.
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    (0..len as u64)
+        .map(|i| (i.wrapping_mul(7).wrapping_add(seed.wrapping_mul(31)) % 251) as u8)
+        .collect()
+}
+
+/// A lease of `len` bytes (whole blocks) in `region` whose first `len` bytes are `bytes`.
+fn filled(region: &Region, bytes: &[u8]) -> BlockLease {
+    let mut lease = region.lease(bytes.len() as u64).unwrap();
+    lease.as_mut_slice()[..bytes.len()].copy_from_slice(bytes);
+    lease
+}
+
+/// A 1080p I420 frame (3,110,400 bytes) gathered from five scattered ranges of the client's
+/// region lands byte-exact at an offset of the store's region with ONE multi-SGE RDMA WRITE, and
+/// comes back byte-exact into another range of the client's region with one RDMA READ. The
+/// store's connection sees no completion at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs an RDMA device: ci/softroce runs it"]
+async fn rc_write_and_read_back_1080p_frame() {
+    let verbs = Verbs::new();
+    let (client, store) = (conformance::region(32), conformance::region(32));
+    let (conn, store_end) = rc_pair(&verbs.device, &client, &store, 4).await;
+    assert!(conn.max_sge() >= 5, "max_sge {}", conn.max_sge());
+    assert_eq!(conn.peer().region_id, store.id());
+    assert_eq!(store_end.peer().region_id, client.id());
+    // Y in two halves, U, V in two halves; placed in the region in reverse order, with a gap.
+    let sizes = [1_036_800usize, 1_036_800, 518_400, 259_200, 259_200];
+    assert_eq!(sizes.iter().sum::<usize>(), 3_110_400);
+    let pieces: Vec<Vec<u8>> = (0..5).map(|i| pattern(i as u64 + 1, sizes[i])).collect();
+    let mut leases: Vec<BlockLease> = Vec::new();
+    for piece in pieces.iter().rev() {
+        leases.push(filled(&client, piece));
+        leases.push(client.lease(64 << 10).unwrap()); // a gap
+    }
+    let entries: Vec<(u64, u64)> = (0..5)
+        .map(|i| (leases[2 * (4 - i)].offset(), sizes[i] as u64))
+        .collect();
+    let expected: Vec<u8> = pieces.concat();
+    let landing = store.lease(4 << 20).unwrap();
+    let at = landing.offset() + 4096 + 24;
+    conn.write(&entries, at).await.unwrap();
+    // SAFETY: nothing writes the store's range while we read it (the write completed).
+    let landed = unsafe { store.bytes(at - 24, expected.len() as u64 + 48) }.unwrap();
+    assert!(
+        landed[..24].iter().all(|&b| b == 0),
+        "bytes before the range"
+    );
+    assert!(
+        landed[24..24 + expected.len()] == expected[..],
+        "frame bytes differ"
+    );
+    assert!(
+        landed[24 + expected.len()..].iter().all(|&b| b == 0),
+        "bytes after the range"
+    );
+
+    let back = client.lease(4 << 20).unwrap();
+    conn.read(at, expected.len() as u64, back.offset() + 100)
+        .await
+        .unwrap();
+    assert!(back.as_slice()[..100].iter().all(|&b| b == 0));
+    assert!(
+        back.as_slice()[100..100 + expected.len()] == expected[..],
+        "read-back differs"
+    );
+
+    let stats = conn.poll_stats();
+    println!(
+        "rc: device {} max_sge {} client {stats:?} store {:?}",
+        verbs.device.name(),
+        conn.max_sge(),
+        store_end.poll_stats()
+    );
+    assert_eq!(stats.completions, 2, "{stats:?}");
+    assert_eq!(store_end.poll_stats().completions, 0);
+}
+
+/// Ranges outside the peer's advertised data area (past its end, in its header, overflowing),
+/// local ranges outside our data area and too many entries are typed errors with nothing
+/// posted; the connection keeps working afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs an RDMA device: ci/softroce runs it"]
+async fn rc_out_of_range_is_refused_and_connection_survives() {
+    let verbs = Verbs::new();
+    let (client, store) = (conformance::region(8), conformance::region(8));
+    let (conn, _store_end) = rc_pair(&verbs.device, &client, &store, 4).await;
+    let peer = conn.peer();
+    let bytes = pattern(9, 8192);
+    let src = filled(&client, &bytes);
+    let one = [(src.offset(), bytes.len() as u64)];
+    let end = peer.offset + peer.len;
+    for remote in [end - 100, end, 0, peer.offset - 1, u64::MAX - 10] {
+        let w = conn.write(&one, remote).await;
+        assert!(
+            matches!(w, Err(TransportError::OutOfRange { .. })),
+            "{remote}: {w:?}"
+        );
+        let r = conn.read(remote, 8192, src.offset()).await;
+        assert!(
+            matches!(r, Err(TransportError::OutOfRange { .. })),
+            "{remote}: {r:?}"
+        );
+    }
+    let target = store.lease(64 << 10).unwrap().offset();
+    let w = conn.write(&[(0, 64)], target).await;
+    assert!(matches!(w, Err(TransportError::ForeignPayload(_))), "{w:?}");
+    let r = conn.read(target, 64, client.len() - 10).await;
+    assert!(matches!(r, Err(TransportError::ForeignPayload(_))), "{r:?}");
+    let many = vec![(src.offset(), 1u64); conn.max_sge() + 1];
+    let w = conn.write(&many, target).await;
+    assert!(
+        matches!(w, Err(TransportError::TooManyEntries { .. })),
+        "{w:?}"
+    );
+    assert_eq!(conn.poll_stats().completions, 0, "nothing was posted");
+
+    conn.write(&one, target).await.unwrap();
+    // SAFETY: the write completed; nothing else writes the range.
+    assert!(unsafe { store.bytes(target, 8192) }.unwrap() == &bytes[..]);
+    let back = client.lease(8192).unwrap();
+    conn.read(target, 8192, back.offset()).await.unwrap();
+    assert!(back.as_slice()[..8192] == bytes[..]);
+    assert_eq!(conn.poll_stats().completions, 2);
+}
+
+/// Operations from several tasks at once (more than the window of 4): every one completes,
+/// each with its own status, and the poll stats count exactly one completion per operation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs an RDMA device: ci/softroce runs it"]
+async fn rc_concurrent_operations_and_poll_stats() {
+    let verbs = Verbs::new();
+    let (client, store) = (conformance::region(16), conformance::region(16));
+    let (conn, _store_end) = rc_pair(&verbs.device, &client, &store, 4).await;
+    let conn = Arc::new(conn);
+    let n = 12u64;
+    let sources: Vec<(BlockLease, Vec<u8>)> = (0..n)
+        .map(|i| {
+            let bytes = pattern(100 + i, 64 << 10);
+            (filled(&client, &bytes), bytes)
+        })
+        .collect();
+    let landing = store.lease(n * (64 << 10)).unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, (lease, _)) in sources.iter().enumerate() {
+        let conn = Arc::clone(&conn);
+        let entry = [(lease.offset(), 64u64 << 10)];
+        let at = landing.offset() + i as u64 * (64 << 10);
+        tasks.spawn(async move { conn.write(&entry, at).await });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap().unwrap();
+    }
+    for (i, (_, bytes)) in sources.iter().enumerate() {
+        let at = landing.offset() + i as u64 * (64 << 10);
+        // SAFETY: every write completed; nothing writes the range now.
+        let landed = unsafe { store.bytes(at, bytes.len() as u64) }.unwrap();
+        assert!(landed == &bytes[..], "{i}");
+    }
+    // Concurrent reads of all of them back into one lease.
+    let back = client.lease(n * (64 << 10)).unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let conn = Arc::clone(&conn);
+        let (from, to) = (
+            landing.offset() + i * (64 << 10),
+            back.offset() + i * (64 << 10),
+        );
+        tasks.spawn(async move { conn.read(from, 64 << 10, to).await });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap().unwrap();
+    }
+    let expected: Vec<u8> = sources.iter().flat_map(|(_, b)| b.clone()).collect();
+    assert!(back.as_slice() == &expected[..]);
+    let stats = conn.poll_stats();
+    println!("rc concurrent: {stats:?}");
+    assert_eq!(stats.completions, 2 * n, "{stats:?}");
+}
+
+/// When the store's end goes away, an operation fails with a typed error instead of hanging
+/// (whether it is posted before or after the client notices: in flight it is flushed), `closed`
+/// resolves on the client, and later operations fail the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs an RDMA device: ci/softroce runs it"]
+async fn rc_peer_gone_fails_operations() {
+    let verbs = Verbs::new();
+    let (client, store) = (conformance::region(8), conformance::region(8));
+    let (conn, store_end) = rc_pair(&verbs.device, &client, &store, 4).await;
+    let src = filled(&client, &pattern(3, 4096));
+    let target = store.lease(64 << 10).unwrap().offset();
+    conn.write(&[(src.offset(), 4096)], target).await.unwrap();
+    let minute = std::time::Duration::from_secs(60);
+    // Right after the drop: the client may not have seen the socket close yet.
+    drop(store_end);
+    let w = tokio::time::timeout(minute, conn.write(&[(src.offset(), 4096)], target))
+        .await
+        .expect("a write to a vanished peer fails, it does not hang");
+    assert!(matches!(w, Err(TransportError::Disconnected)), "{w:?}");
+    tokio::time::timeout(minute, conn.closed())
+        .await
+        .expect("closed() resolves once the peer is gone");
+    let r = tokio::time::timeout(minute, conn.read(target, 4096, src.offset()))
+        .await
+        .expect("a read from a vanished peer fails, it does not hang");
+    assert!(matches!(r, Err(TransportError::Disconnected)), "{r:?}");
+}

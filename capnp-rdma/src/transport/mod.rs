@@ -360,4 +360,6 @@ pub fn fuzz_decode_control(data: &[u8]) {
     }
     #[cfg(feature = "verbs")]
     verbs::fuzz_decode_endpoint(data);
+    #[cfg(feature = "verbs")]
+    verbs::rc::fuzz_decode_rc_endpoint(data);
 }

@@ -27,6 +27,7 @@
 //! the immediate, not the address; the immediate names the slot in the application's protocol.
 
 mod cq;
+pub mod rc;
 
 pub use cq::PollStats;
 
@@ -248,14 +249,21 @@ impl VerbsDevice {
 
     /// Registers the whole of `region` once, for local and remote writes.
     pub fn register(&self, region: &Region) -> Result<RegisteredRegion, TransportError> {
+        self.register_with(region, AccessFlags::LocalWrite | AccessFlags::RemoteWrite)
+    }
+
+    /// Registers the whole of `region` once with the given access rights.
+    fn register_with(
+        &self,
+        region: &Region,
+        access: AccessFlags,
+    ) -> Result<RegisteredRegion, TransportError> {
         // SAFETY: the mapping stays valid for as long as the registration: RegisteredRegion
         // holds a Region handle, which keeps the mapping alive, and drops the MR first.
         let mr = unsafe {
-            self.inner.pd.reg_mr(
-                region.as_ptr() as usize,
-                region.len() as usize,
-                AccessFlags::LocalWrite | AccessFlags::RemoteWrite,
-            )
+            self.inner
+                .pd
+                .reg_mr(region.as_ptr() as usize, region.len() as usize, access)
         }
         .map_err(|e| {
             let limit = crate::sys::memlock_limit()
@@ -407,6 +415,18 @@ fn create_qp(
     recv_wr: u32,
     max_spin: u32,
 ) -> Result<Qp, TransportError> {
+    let access = AccessFlags::LocalWrite | AccessFlags::RemoteWrite;
+    create_qp_with(dev, send_wr, recv_wr, max_spin, access)
+}
+
+/// [`create_qp`] with the remote access rights the QP grants its peer.
+fn create_qp_with(
+    dev: &VerbsDevice,
+    send_wr: u32,
+    recv_wr: u32,
+    max_spin: u32,
+    access: AccessFlags,
+) -> Result<Qp, TransportError> {
     let d = &dev.inner;
     let channel =
         CompletionChannel::new(&d.ctx).map_err(|e| device_err("create completion channel", e))?;
@@ -433,7 +453,7 @@ fn create_qp(
     attr.setup_state(QueuePairState::Init)
         .setup_pkey_index(0)
         .setup_port(d.port)
-        .setup_access_flags(AccessFlags::LocalWrite | AccessFlags::RemoteWrite);
+        .setup_access_flags(access);
     qp.modify(&attr).map_err(|e| device_err("QP to INIT", e))?;
     Ok(Qp {
         qp,
@@ -443,20 +463,32 @@ fn create_qp(
 }
 
 fn connect_qp(dev: &VerbsDevice, qp: &mut Qp, peer: &Endpoint) -> Result<(), TransportError> {
+    connect_qp_to(dev, qp, (peer.qpn, peer.psn, peer.gid), (0, 0))
+}
+
+/// Moves `qp` to RTR and RTS towards the peer's `(qpn, psn, gid)`. The last argument is
+/// `(responder, initiator)`: RDMA READs this QP serves at once for the peer
+/// (`max_dest_rd_atomic`) and issues at once itself (`max_rd_atomic`); 0 for write-only QPs.
+fn connect_qp_to(
+    dev: &VerbsDevice,
+    qp: &mut Qp,
+    (qpn, psn, gid): (u32, u32, [u8; 16]),
+    (responder, initiator): (u8, u8),
+) -> Result<(), TransportError> {
     let d = &dev.inner;
     let mut attr = QueuePairAttribute::new();
     attr.setup_state(QueuePairState::ReadyToReceive)
         .setup_path_mtu(d.mtu)
-        .setup_dest_qp_num(peer.qpn)
-        .setup_rq_psn(peer.psn)
-        .setup_max_dest_read_atomic(0)
+        .setup_dest_qp_num(qpn)
+        .setup_rq_psn(psn)
+        .setup_max_dest_read_atomic(responder)
         .setup_min_rnr_timer(12);
     let mut ah = AddressHandleAttribute::new();
     ah.setup_dest_lid(0)
         .setup_port(d.port)
         .setup_service_level(0)
         .setup_grh_src_gid_index(d.gid_index as u8)
-        .setup_grh_dest_gid(&Gid { raw: peer.gid })
+        .setup_grh_dest_gid(&Gid { raw: gid })
         .setup_grh_hop_limit(64);
     attr.setup_address_vector(&ah);
     qp.qp
@@ -468,30 +500,62 @@ fn connect_qp(dev: &VerbsDevice, qp: &mut Qp, peer: &Endpoint) -> Result<(), Tra
         .setup_timeout(14)
         .setup_retry_cnt(7)
         .setup_rnr_retry(7)
-        .setup_max_read_atomic(0);
+        .setup_max_read_atomic(initiator);
     qp.qp
         .modify(&attr)
         .map_err(|e| device_err("QP to RTS", e))?;
     Ok(())
 }
 
-fn to_error_state(qp: &mut Qp) {
+/// Moves `qp` to the error state: every posted work request completes (flushed).
+fn to_error_state(qp: &mut BasicQueuePair) {
     let mut attr = QueuePairAttribute::new();
     attr.setup_state(QueuePairState::Error);
-    let _ = qp.qp.modify(&attr);
+    let _ = qp.modify(&attr);
 }
 
 async fn exchange(stream: &mut TcpStream, mine: &Endpoint) -> Result<Endpoint, TransportError> {
+    Endpoint::decode(&swap(stream, &mine.encode()).await?)
+}
+
+/// Sends `mine` and reads the peer's message of the same length.
+async fn swap<const N: usize>(
+    stream: &mut TcpStream,
+    mine: &[u8; N],
+) -> Result<[u8; N], TransportError> {
     stream
-        .write_all(&mine.encode())
+        .write_all(mine)
         .await
         .map_err(TransportError::io("send endpoint"))?;
-    let mut buf = [0u8; ENDPOINT_LEN];
+    let mut buf = [0u8; N];
     stream
         .read_exact(&mut buf)
         .await
         .map_err(TransportError::io("read endpoint"))?;
-    Endpoint::decode(&buf)
+    Ok(buf)
+}
+
+/// Opens the set-up socket to `addr` (no Nagle delay).
+async fn dial(addr: impl ToSocketAddrs) -> Result<TcpStream, TransportError> {
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(TransportError::io("connect"))?;
+    stream
+        .set_nodelay(true)
+        .map_err(TransportError::io("set_nodelay"))?;
+    Ok(stream)
+}
+
+/// Accepts the next set-up socket on `listener` (no Nagle delay).
+async fn answer(listener: &TcpListener) -> Result<TcpStream, TransportError> {
+    let (stream, _) = listener
+        .accept()
+        .await
+        .map_err(TransportError::io("accept"))?;
+    stream
+        .set_nodelay(true)
+        .map_err(TransportError::io("set_nodelay"))?;
+    Ok(stream)
 }
 
 /// Resolves when the peer closes the set-up socket (or it fails).
@@ -541,12 +605,7 @@ impl<P: Payload> VerbsWriter<P> {
         options: &VerbsOptions,
     ) -> Result<Self, TransportError> {
         let dev = local.device().clone();
-        let mut stream = TcpStream::connect(addr)
-            .await
-            .map_err(TransportError::io("connect"))?;
-        stream
-            .set_nodelay(true)
-            .map_err(TransportError::io("set_nodelay"))?;
+        let mut stream = dial(addr).await?;
         let send_wr = options.window.max(1) * max_chain(dev.max_send_sge());
         let mut qp = create_qp(&dev, send_wr, 1, options.max_spin)?;
         let mine = Endpoint {
@@ -753,11 +812,11 @@ impl<P: Payload> Writer for VerbsWriter<P> {
                 // The target is gone. Flush the send queue so the NIC lets go of every
                 // payload, then hand them back as they complete.
                 self.peer_gone = true;
-                to_error_state(&mut self.qp);
+                to_error_state(&mut self.qp.qp);
                 Ok(0)
             }
             Err(e) => {
-                to_error_state(&mut self.qp);
+                to_error_state(&mut self.qp.qp);
                 let n = self.fail_all(out, || TransportError::Disconnected);
                 self.wcs = wcs;
                 return if n > 0 { Ok(n) } else { Err(e) };
@@ -804,13 +863,7 @@ impl VerbsTarget {
                 "the lease is not in the registered region",
             ));
         }
-        let (mut stream, _) = listener
-            .accept()
-            .await
-            .map_err(TransportError::io("accept"))?;
-        stream
-            .set_nodelay(true)
-            .map_err(TransportError::io("set_nodelay"))?;
+        let mut stream = answer(listener).await?;
         let dev = registration.device().clone();
         let window = options.window.max(1);
         let recv_wr = window * 2;
