@@ -16,6 +16,10 @@
 enum Transport {
   shm @0;
   tcp @1;
+  # Remote, both hosts with an RDMA device: the client moves bytes itself with one-sided RDMA
+  # WRITE (into its grant) and READ (from its deliveries) on an RC connection to the store's
+  # registered region. Trusted peers only: the connection can reach the whole region.
+  verbs @2;
 }
 
 enum FullPolicy {
@@ -179,6 +183,8 @@ struct Welcome {
   dataPort @6 :UInt16;
   # Seals must carry checksums (the store persists frames).
   checksums @7 :Bool;
+  # TCP port of the RDMA (RC) handshake listener (verbs clients).
+  verbsPort @8 :UInt16;
 }
 
 struct Grant {

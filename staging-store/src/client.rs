@@ -4,16 +4,24 @@
 //!  Client::connect("unix:/run/staging-store.sock")  ── shm: the store's memfd arrives with the
 //!                                                       welcome; grants and frames are read
 //!                                                       and written in place
+//!  Client::connect("store-host:7070")               ── verbs when this host has an RDMA
+//!                                                       device and the store offers RDMA
+//!                                                       (serve --verbs): one RDMA WRITE into
+//!                                                       the grant, one RDMA READ per
+//!                                                       delivery, no store CPU per byte;
+//!                                                       else tcp
 //!  Client::connect("tcp:store-host:7070")           ── tcp: a data connection carries bytes
+//!  Client::connect("verbs:store-host:7070")         ── verbs, or an error saying why not
 //!
-//!  producer: create(stream, size) ─▶ Grant ─▶ write in place (shm) / put over data (tcp)
-//!            ─▶ seal ─▶ seq
+//!  producer: create(stream, size) ─▶ Grant ─▶ write in place (shm) / put over data (tcp) /
+//!            RDMA WRITE (verbs) ─▶ seal ─▶ seq
 //!  consumer: subscribe(stream, consumer, cursor, window) ─▶ next() ─▶ FrameRef (bytes in
-//!            place or received) ─▶ release (or drop)
+//!            place, received, or read by RDMA) ─▶ release (or drop)
 //! ```
 //!
 //! The transport follows from the address: a Unix socket means the store is on this host, so
-//! shm; a TCP address means tcp. Requests are pipelined: any number of calls may be in flight
+//! shm; a TCP address means verbs when both sides have an RDMA device, else tcp (a `tcp:` or
+//! `verbs:` prefix decides instead). Requests are pipelined: any number of calls may be in flight
 //! from any number of tasks; a background task reads the store's messages and wakes each
 //! caller. Dropping the last handle closes the connection, and the store then drops everything
 //! the session held.
@@ -40,13 +48,16 @@
 
 use crate::data::{self, Attach, Put};
 use crate::proto::{
-    self, decode_server_message, encode_request, Body, Cursor, Delivery, Grant, MessageBuf, Reply,
-    Request, ServerMessage, StoreError, StoreStat, StreamConfig, StreamStat, Subscribed, Transport,
-    Welcome,
+    self, decode_server_message, encode_request, Body, Cursor, Delivery, ErrorCode, Grant,
+    MessageBuf, Reply, Request, ServerMessage, StoreError, StoreStat, StreamConfig, StreamStat,
+    Subscribed, Transport, Welcome,
 };
 use capnp::message::Reader;
 use capnp_rdma::reader::{read_framed, InPlaceSegments, ReadError, ReadOptions};
-use capnp_rdma::{OpenOptions, Region};
+use capnp_rdma::transport::verbs::rc::{RcConnection, RcRegion};
+use capnp_rdma::transport::verbs::{VerbsDevice, VerbsOptions};
+use capnp_rdma::transport::TransportError;
+use capnp_rdma::{BlockLease, OpenOptions, Region, RegionOptions};
 use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -87,6 +98,9 @@ pub enum ClientError {
     /// The frame does not fit the grant (or the grant is not writable here).
     #[error("{0}")]
     Grant(String),
+    /// RDMA (verbs clients): no device, the handshake, or an RDMA WRITE/READ failed.
+    #[error("RDMA: {0}")]
+    Rdma(#[from] TransportError),
 }
 
 fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> ClientError {
@@ -101,6 +115,8 @@ enum Bytes {
     Shared(Region),
     /// Received on the data connection (8-byte aligned).
     Owned(Vec<capnp::Word>),
+    /// Read by RDMA into this client's region (verbs).
+    Leased(BlockLease),
 }
 
 /// What the reader tasks hand a subscription: a frame (its bytes, for tcp), or the end of the
@@ -123,8 +139,42 @@ struct Inner {
     /// tcp: receive buffers of dropped frames, read into again by the next deliveries (memory
     /// already mapped and faulted in, not zeroed again per frame).
     spare: Mutex<Vec<Vec<capnp::Word>>>,
+    /// verbs: the RC connection to the store's region and this client's registered region.
+    verbs: std::sync::OnceLock<Verbs>,
     /// Subscriptions this client closed: deliveries still on their way to them are released.
     closed_subscriptions: Mutex<std::collections::HashSet<u32>>,
+}
+
+/// Bytes of a verbs client's own registered region: frames on their way in and out.
+const VERBS_STAGING_BYTES: u64 = 256 << 20;
+
+/// A verbs client's side of RDMA.
+struct Verbs {
+    connection: RcConnection,
+    staging: RcRegion,
+}
+
+impl Verbs {
+    /// Writes `bytes` into the store's region at `remote_offset`, through a lease of this
+    /// client's region (one copy here, one RDMA WRITE, no store CPU).
+    async fn write(&self, bytes: &[u8], remote_offset: u64) -> Result<(), ClientError> {
+        let mut lease = self.staging.region().lease(bytes.len() as u64)?;
+        lease.as_mut_slice()[..bytes.len()].copy_from_slice(bytes);
+        self.connection
+            .write(&[(lease.offset(), bytes.len() as u64)], remote_offset)
+            .await?;
+        Ok(())
+    }
+
+    /// Reads `len` bytes of the store's region at `remote_offset` into a lease of this
+    /// client's region (one RDMA READ).
+    async fn read(&self, remote_offset: u64, len: u64) -> Result<BlockLease, ClientError> {
+        let lease = self.staging.region().lease(len.max(1))?;
+        self.connection
+            .read(remote_offset, len, lease.offset())
+            .await?;
+        Ok(lease)
+    }
 }
 
 /// Receive buffers a client keeps for reuse.
@@ -178,7 +228,17 @@ impl std::fmt::Debug for Client {
 
 enum Addr {
     Unix(String),
-    Tcp(String),
+    /// `tcp:`: a data connection; `verbs:`: RDMA, required; neither: RDMA when there is a
+    /// device here and the store offers it, else a data connection.
+    Tcp(String, Remote),
+}
+
+/// How a remote client moves bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Remote {
+    Tcp,
+    Verbs,
+    Auto,
 }
 
 fn parse_addr(addr: &str) -> Result<Addr, ClientError> {
@@ -186,7 +246,10 @@ fn parse_addr(addr: &str) -> Result<Addr, ClientError> {
         return Ok(Addr::Unix(path.to_owned()));
     }
     if let Some(hostport) = addr.strip_prefix("tcp:") {
-        return Ok(Addr::Tcp(hostport.to_owned()));
+        return Ok(Addr::Tcp(hostport.to_owned(), Remote::Tcp));
+    }
+    if let Some(hostport) = addr.strip_prefix("verbs:") {
+        return Ok(Addr::Tcp(hostport.to_owned(), Remote::Verbs));
     }
     if addr.starts_with('/') || addr.starts_with('.') {
         return Ok(Addr::Unix(addr.to_owned()));
@@ -195,7 +258,7 @@ fn parse_addr(addr: &str) -> Result<Addr, ClientError> {
         .rsplit_once(':')
         .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
     {
-        return Ok(Addr::Tcp(addr.to_owned()));
+        return Ok(Addr::Tcp(addr.to_owned(), Remote::Auto));
     }
     Err(ClientError::BadAddress(addr.to_owned()))
 }
@@ -253,13 +316,92 @@ fn welcome_of(message: Option<ServerMessage>) -> Result<Welcome, ClientError> {
 }
 
 impl Client {
-    /// Connects to the store at `addr` (`unix:PATH` or a path: shm; `tcp:HOST:PORT` or
-    /// `HOST:PORT`: tcp) and says hello as `name`.
+    /// Connects to the store at `addr` and says hello as `name`. `unix:PATH` or a path: shm
+    /// (same host, frames read and written in place). `HOST:PORT`: RDMA when this host has a
+    /// device (`CAPNP_RDMA_DEVICE`, or the first) and the store offers it, else tcp.
+    /// `tcp:HOST:PORT`: tcp. `verbs:HOST:PORT`: RDMA or an error.
     pub async fn connect(addr: &str, name: &str) -> Result<Client, ClientError> {
         match parse_addr(addr)? {
             Addr::Unix(path) => Self::connect_unix(&path, name).await,
-            Addr::Tcp(hostport) => Self::connect_tcp(&hostport, name).await,
+            Addr::Tcp(hostport, remote) => Self::connect_remote(&hostport, name, remote).await,
         }
+    }
+
+    async fn connect_remote(
+        hostport: &str,
+        name: &str,
+        remote: Remote,
+    ) -> Result<Client, ClientError> {
+        let mut stream = TcpStream::connect(hostport)
+            .await
+            .map_err(io_err("connecting to the store"))?;
+        let _ = stream.set_nodelay(true);
+        let mut buf = MessageBuf::new(proto::MAX_SERVER_MESSAGE_BYTES);
+        if remote != Remote::Tcp {
+            let options = VerbsOptions::from_env();
+            match VerbsDevice::open(&options) {
+                Ok(device) => {
+                    stream
+                        .write_all(&hello(name, Transport::Verbs))
+                        .await
+                        .map_err(io_err("sending hello"))?;
+                    match welcome_of(read_message(&mut stream, &mut buf).await?) {
+                        Ok(welcome) => {
+                            return Self::attach_verbs(stream, buf, welcome, &device, &options)
+                                .await
+                        }
+                        // The store offers no RDMA: tcp on the same connection.
+                        Err(ClientError::Store(e))
+                            if e.code == ErrorCode::Unsupported && remote == Remote::Auto => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Err(e) if remote == Remote::Verbs => return Err(e.into()),
+                Err(_) => {}
+            }
+        }
+        Self::connect_tcp(stream, buf, name).await
+    }
+
+    /// A verbs session: the region of this client (registered with its device) and an RC
+    /// connection to the store's, set up over a socket to the store's handshake port that
+    /// first shows the session's token.
+    async fn attach_verbs(
+        stream: TcpStream,
+        buf: MessageBuf,
+        welcome: Welcome,
+        device: &VerbsDevice,
+        options: &VerbsOptions,
+    ) -> Result<Client, ClientError> {
+        let peer = stream.peer_addr().map_err(io_err("the store's address"))?;
+        let staging = Region::create(&RegionOptions::memfd(VERBS_STAGING_BYTES))?;
+        let staging = RcRegion::register(device, &staging)?;
+        let mut handshake = TcpStream::connect((peer.ip(), welcome.verbs_port))
+            .await
+            .map_err(io_err("connecting to the store's RDMA handshake"))?;
+        let _ = handshake.set_nodelay(true);
+        handshake
+            .write_all(
+                &Attach {
+                    session: welcome.session,
+                    token: welcome.token,
+                }
+                .encode(),
+            )
+            .await
+            .map_err(io_err("attaching the RDMA connection"))?;
+        let connection = RcConnection::handshake(handshake, &staging, options).await?;
+        let (read, write) = stream.into_split();
+        let client = Self::start(read, write, buf, welcome, Transport::Verbs, None, None);
+        client
+            .inner
+            .verbs
+            .set(Verbs {
+                connection,
+                staging,
+            })
+            .map_err(|_| ClientError::Protocol("RDMA attached twice".into()))?;
+        Ok(client)
     }
 
     async fn connect_unix(path: &str, name: &str) -> Result<Client, ClientError> {
@@ -317,16 +459,15 @@ impl Client {
         ))
     }
 
-    async fn connect_tcp(hostport: &str, name: &str) -> Result<Client, ClientError> {
-        let mut stream = TcpStream::connect(hostport)
-            .await
-            .map_err(io_err("connecting to the store"))?;
-        let _ = stream.set_nodelay(true);
+    async fn connect_tcp(
+        mut stream: TcpStream,
+        mut buf: MessageBuf,
+        name: &str,
+    ) -> Result<Client, ClientError> {
         stream
             .write_all(&hello(name, Transport::Tcp))
             .await
             .map_err(io_err("sending hello"))?;
-        let mut buf = MessageBuf::new(proto::MAX_SERVER_MESSAGE_BYTES);
         let welcome = welcome_of(read_message(&mut stream, &mut buf).await?)?;
         let peer = stream.peer_addr().map_err(io_err("the store's address"))?;
         let data = TcpStream::connect((peer.ip(), welcome.data_port))
@@ -395,6 +536,7 @@ impl Client {
             data: data.map(tokio::sync::Mutex::new),
             notices: Mutex::new(Vec::new()),
             spare: Mutex::new(Vec::new()),
+            verbs: std::sync::OnceLock::new(),
             closed_subscriptions: Mutex::new(std::collections::HashSet::new()),
         });
         tokio::spawn(control_reader(Arc::downgrade(&inner), read, buf));
@@ -537,13 +679,48 @@ impl Client {
         })
     }
 
-    /// Sends `bytes` into the grant at `at` over the data connection (tcp clients).
+    /// The RDMA side of a verbs client.
+    fn verbs(&self) -> Result<&Verbs, ClientError> {
+        self.inner
+            .verbs
+            .get()
+            .ok_or_else(|| ClientError::Grant("not a verbs client".into()))
+    }
+
+    /// A delivered frame's bytes, read by RDMA into this client's region (verbs). On failure
+    /// the reference is given back.
+    async fn fetch(&self, delivery: &Delivery) -> Result<Bytes, ClientError> {
+        match self.verbs()?.read(delivery.offset, delivery.len).await {
+            Ok(lease) => Ok(Bytes::Leased(lease)),
+            Err(e) => {
+                let _ = self.release_nowait(delivery.reference);
+                Err(e)
+            }
+        }
+    }
+
+    /// Sends `bytes` into the grant at `at`: over the data connection (tcp clients, which
+    /// fill a grant from its start without gaps), or with one RDMA WRITE (verbs clients).
     pub async fn write_grant(
         &self,
         grant: &Grant,
         at: u64,
         bytes: &[u8],
     ) -> Result<(), ClientError> {
+        if self.inner.transport == Transport::Verbs {
+            // The store cannot see RDMA writes: keep them inside the grant here.
+            if at
+                .checked_add(bytes.len() as u64)
+                .is_none_or(|end| end > grant.len)
+            {
+                return Err(ClientError::Grant(format!(
+                    "{} bytes at {at} do not fit the grant of {} bytes",
+                    bytes.len(),
+                    grant.len
+                )));
+            }
+            return self.verbs()?.write(bytes, grant.offset + at).await;
+        }
         let data =
             self.inner.data.as_ref().ok_or_else(|| {
                 ClientError::Grant("no data connection (shm writes in place)".into())
@@ -607,7 +784,7 @@ impl Client {
                 unsafe { self.grant_bytes(&grant) }?[..framed.len()].copy_from_slice(framed);
                 Ok(())
             }
-            Transport::Tcp => self.write_grant(&grant, 0, framed).await,
+            Transport::Tcp | Transport::Verbs => self.write_grant(&grant, 0, framed).await,
         };
         if let Err(e) = written {
             let _ = self.abort(&grant).await;
@@ -636,6 +813,7 @@ impl Client {
         };
         let bytes = match self.inner.transport {
             Transport::Shm => Bytes::Shared(self.inner.region.clone().expect("shm has a region")),
+            Transport::Verbs => self.fetch(&delivery).await?,
             Transport::Tcp => {
                 let rx = {
                     let mut got = self.inner.got_bytes.lock().expect("not poisoned");
@@ -924,9 +1102,10 @@ impl Subscription {
         };
         self.received += 1;
         let bytes =
-            match words {
-                Some(words) => Bytes::Owned(words),
-                None => Bytes::Shared(self.client.inner.region.clone().ok_or_else(|| {
+            match (words, self.client.inner.transport) {
+                (Some(words), _) => Bytes::Owned(words),
+                (None, Transport::Verbs) => self.client.fetch(&delivery).await?,
+                (None, _) => Bytes::Shared(self.client.inner.region.clone().ok_or_else(|| {
                     ClientError::Protocol("shm delivery without a region".into())
                 })?),
             };
@@ -1036,6 +1215,7 @@ impl FrameRef {
             Bytes::Owned(words) => {
                 &capnp::Word::words_to_bytes(words)[..self.delivery.len as usize]
             }
+            Bytes::Leased(lease) => &lease.as_slice()[..self.delivery.len as usize],
         }
     }
 

@@ -13,6 +13,8 @@
 //!           ▼                                    ▼
 //!  ═════════════════════ staging region (capnp_rdma::Region): blocks ═══════════════════════
 //!   tcp clients: a data connection carries PUT bytes into grants and DELIVER bytes out
+//!   verbs clients: one-sided RDMA WRITE into grants and READ of deliveries (region registered
+//!   once with the NIC; the store's CPU never touches the bytes)
 //! ```
 //!
 //! - [`proto`]: the control protocol (`schemas/store.capnp`), bounds-checked decoding.

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! staging-store serve [--config FILE] [--unix PATH] [--tcp ADDR] [--data ADDR] [--metrics ADDR]
+//!                     [--verbs ADDR]
 //!                     [--region-size SIZE] [--block-size SIZE] [--persist DIR] [--sync POLICY]
 //!                     [--verify-checksums] [--huge-pages POLICY] [--mlock] [--stream SPEC]...
 //! staging-store stat | streams [--json]
@@ -212,6 +213,12 @@ struct ServeArgs {
     /// TCP address of the Prometheus endpoint (GET /metrics).
     #[arg(long, env = "STAGING_STORE_METRICS")]
     metrics: Option<SocketAddr>,
+    /// TCP address of the RDMA handshake listener: remote clients with an RDMA device then
+    /// write and read frames with one-sided RDMA (no store CPU per byte). Registers the region
+    /// with the device CAPNP_RDMA_DEVICE names (or the first); the store does not start if
+    /// there is none. Verbs clients can reach the whole region: trusted networks only.
+    #[arg(long, env = "STAGING_STORE_VERBS")]
+    verbs: Option<SocketAddr>,
     /// Size of the staging region (e.g. 1GiB).
     #[arg(long, env = "STAGING_STORE_REGION_SIZE", value_parser = parse_size)]
     region_size: Option<u64>,
@@ -267,6 +274,7 @@ struct FileConfig {
     tcp: Option<SocketAddr>,
     data: Option<SocketAddr>,
     metrics: Option<SocketAddr>,
+    verbs: Option<SocketAddr>,
     region_size: Option<String>,
     block_size: Option<String>,
     persist: Option<PathBuf>,
@@ -424,6 +432,7 @@ fn serve(args: ServeArgs) -> Result<(), MainError> {
         tcp,
         data: args.data.or(file.data),
         metrics: args.metrics.or(file.metrics),
+        verbs: args.verbs.or(file.verbs),
     };
     let persist = args.persist.or(file.persist);
     let huge = match args.huge_pages.or(file.huge_pages).unwrap_or(Huge::Off) {
@@ -436,6 +445,7 @@ fn serve(args: ServeArgs) -> Result<(), MainError> {
         checksums_required: persist.is_some(),
         verify_checksums: args.verify_checksums || file.verify_checksums,
         data_port: 0,
+        verbs_port: 0,
     };
     let mut store = match &persist {
         None => {
@@ -557,7 +567,7 @@ fn serve(args: ServeArgs) -> Result<(), MainError> {
             |bound| {
                 // One line on stdout for scripts and tests to wait on.
                 println!(
-                    "staging-store ready unix={} tcp={} data={} metrics={}",
+                    "staging-store ready unix={} tcp={} data={} metrics={} verbs={}",
                     bound
                         .unix
                         .as_ref()
@@ -565,6 +575,7 @@ fn serve(args: ServeArgs) -> Result<(), MainError> {
                     bound.tcp.map_or("-".into(), |a| a.to_string()),
                     bound.data.map_or("-".into(), |a| a.to_string()),
                     bound.metrics.map_or("-".into(), |a| a.to_string()),
+                    bound.verbs.map_or("-".into(), |a| a.to_string()),
                 );
             },
             shutdown,

@@ -204,6 +204,12 @@ pub fn render(
         "Data writes refused (outside the grant, unknown object).",
         &one(io.data_rejected),
     );
+    metric(
+        "verbs_connections_total",
+        "counter",
+        "RC queue pairs of verbs clients connected to the region (they move bytes by RDMA).",
+        &one(io.verbs_connections),
+    );
     let per_stream = |f: &dyn Fn(&StreamStat) -> u64| -> Vec<(String, u64)> {
         streams
             .iter()

@@ -42,6 +42,9 @@ pub enum Transport {
     Shm,
     /// Any host: bytes travel on a data connection.
     Tcp,
+    /// Hosts with RDMA devices: the client writes and reads the store's region with
+    /// one-sided RDMA (trusted peers: the connection reaches the whole region).
+    Verbs,
 }
 
 /// What a full stream does to the next create.
@@ -337,6 +340,8 @@ pub struct Welcome {
     pub data_port: u16,
     /// Seals must carry checksums.
     pub checksums: bool,
+    /// TCP port of the RDMA handshake listener (verbs clients; 0: none).
+    pub verbs_port: u16,
 }
 
 /// A writable grant.
@@ -701,6 +706,7 @@ pub fn decode_request(bytes: &[u8]) -> Result<Request, ProtoError> {
                 transport: match h.get_transport()? {
                     schema::Transport::Shm => Transport::Shm,
                     schema::Transport::Tcp => Transport::Tcp,
+                    schema::Transport::Verbs => Transport::Verbs,
                 },
             }
         }
@@ -791,6 +797,7 @@ pub fn encode_request(request: &Request, out: &mut Vec<u8>) {
             h.set_transport(match transport {
                 Transport::Shm => schema::Transport::Shm,
                 Transport::Tcp => schema::Transport::Tcp,
+                Transport::Verbs => schema::Transport::Verbs,
             });
         }
         Body::CreateStream {
@@ -1032,6 +1039,7 @@ pub fn encode_server_message(message: &ServerMessage, out: &mut Vec<u8>) {
                     b.set_region_bytes(w.region_bytes);
                     b.set_block_bytes(w.block_bytes);
                     b.set_data_port(w.data_port);
+                    b.set_verbs_port(w.verbs_port);
                     b.set_checksums(w.checksums);
                 }
                 Ok(Reply::Granted(g)) => {
@@ -1106,6 +1114,7 @@ pub fn decode_server_message(bytes: &[u8]) -> Result<ServerMessage, ProtoError> 
                         region_bytes: w.get_region_bytes(),
                         block_bytes: w.get_block_bytes(),
                         data_port: w.get_data_port(),
+                        verbs_port: w.get_verbs_port(),
                         checksums: w.get_checksums(),
                     }))
                 }

@@ -20,9 +20,11 @@ use crate::data::{self, Attach, Put};
 use crate::metrics;
 use crate::proto::{
     self, decode_request, encode_server_message, ErrorCode, MessageBuf, Reply, Response,
-    ServerMessage, StoreError, StoreStat,
+    ServerMessage, StoreError, StoreStat, Transport,
 };
 use crate::store::{Out, SessionId, Store};
+use capnp_rdma::transport::verbs::rc::{RcConnection, RcRegion};
+use capnp_rdma::transport::verbs::{VerbsDevice, VerbsOptions};
 use capnp_rdma::BlockLease;
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -47,6 +49,10 @@ pub struct Listen {
     pub data: Option<SocketAddr>,
     /// TCP address of the Prometheus endpoint.
     pub metrics: Option<SocketAddr>,
+    /// TCP address of the RDMA handshake listener: verbs clients connect their RC queue pair
+    /// there and move bytes with one-sided RDMA. Needs an RDMA device
+    /// ([`VerbsOptions::from_env`]); the region is registered with it once.
+    pub verbs: Option<SocketAddr>,
 }
 
 /// Addresses actually bound (ports resolved).
@@ -60,6 +66,8 @@ pub struct Bound {
     pub data: Option<SocketAddr>,
     /// Metrics address.
     pub metrics: Option<SocketAddr>,
+    /// RDMA handshake address.
+    pub verbs: Option<SocketAddr>,
 }
 
 /// Why the server could not start.
@@ -75,6 +83,10 @@ pub enum ServeError {
         /// Why.
         source: io::Error,
     },
+    /// Verbs was asked for and the RDMA device could not be opened or the region not
+    /// registered.
+    #[error("RDMA (--verbs): {0}")]
+    Verbs(capnp_rdma::transport::TransportError),
 }
 
 /// Server-side counters (transport level), exported as metrics.
@@ -92,6 +104,8 @@ pub struct IoCounters {
     pub data_bytes_out: u64,
     /// Data writes refused (outside the grant, unknown object).
     pub data_rejected: u64,
+    /// RC queue pairs of verbs clients connected to the region.
+    pub verbs_connections: u64,
 }
 
 enum WriteItem {
@@ -101,6 +115,9 @@ enum WriteItem {
 
 struct Conn {
     control: mpsc::UnboundedSender<WriteItem>,
+    /// A verbs client's RC connection to the region: dropped (its queue pair destroyed, so
+    /// no RDMA from it lands any more) before the session's grants are freed.
+    verbs: Option<RcConnection>,
     data: Option<mpsc::UnboundedSender<(proto::Delivery, Arc<BlockLease>)>>,
     /// Deliveries produced before the data connection attached.
     backlog: Vec<(proto::Delivery, Arc<BlockLease>)>,
@@ -302,8 +319,23 @@ pub async fn serve(
         }
         None => None,
     };
+    let verbs = match listen.verbs {
+        Some(addr) => {
+            let options = VerbsOptions::from_env();
+            let device = VerbsDevice::open(&options).map_err(ServeError::Verbs)?;
+            let region = RcRegion::register(&device, store.region()).map_err(ServeError::Verbs)?;
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(bind("verbs handshake", addr.to_string()))?;
+            bound.verbs = l.local_addr().ok();
+            tracing::info!(device = device.name(), "RDMA: region registered");
+            Some((l, region, options))
+        }
+        None => None,
+    };
     let mut store = store;
     store.set_data_port(bound.data.map_or(0, |a| a.port()));
+    store.set_verbs_port(bound.verbs.map_or(0, |a| a.port()));
     let timer = Rc::new(Notify::new());
     let shared = Rc::new(RefCell::new(Shared {
         store,
@@ -373,6 +405,25 @@ pub async fn serve(
             }
         });
     }
+    if let Some((l, region, options)) = verbs {
+        let shared = Rc::clone(&shared);
+        tasks.spawn_local(async move {
+            let (region, options) = (Rc::new(region), Rc::new(options));
+            loop {
+                match l.accept().await {
+                    Ok((s, _)) => {
+                        tokio::task::spawn_local(verbs_conn(
+                            Rc::clone(&shared),
+                            s,
+                            Rc::clone(&region),
+                            Rc::clone(&options),
+                        ));
+                    }
+                    Err(e) => tracing::warn!(error = %e, "verbs accept"),
+                }
+            }
+        });
+    }
     if let Some(l) = metrics_listener {
         let shared = Rc::clone(&shared);
         tasks.spawn_local(metrics::serve(l, shared));
@@ -421,8 +472,9 @@ pub async fn serve(
         sh.route(outs);
         for sid in sessions {
             let mut outs = Vec::new();
+            let conn = sh.conns.remove(&sid);
+            drop(conn);
             sh.store.disconnect(sid, Instant::now(), &mut outs);
-            sh.conns.remove(&sid);
         }
     }
     // Give writers a moment to flush the notices.
@@ -445,6 +497,7 @@ async fn control_conn(shared: Rc<RefCell<Shared>>, sock: Sock, local: bool) {
             sid,
             Conn {
                 control: tx,
+                verbs: None,
                 data: None,
                 backlog: Vec::new(),
                 local,
@@ -492,9 +545,12 @@ async fn control_conn(shared: Rc<RefCell<Shared>>, sock: Sock, local: bool) {
     {
         let mut sh = shared.borrow_mut();
         let mut outs = Vec::new();
+        // First the connection: dropping the sender ends the writer once it has sent what is
+        // queued, and dropping a verbs client's queue pair stops its RDMA before the grants it
+        // was writing are freed.
+        let conn = sh.conns.remove(&sid);
+        drop(conn);
         sh.store.disconnect(sid, Instant::now(), &mut outs);
-        // Dropping the sender ends the writer once it has sent what is queued.
-        sh.conns.remove(&sid);
         sh.pending.remove(&sid);
         sh.route(outs);
     }
@@ -542,6 +598,49 @@ async fn control_writer(
     }
 }
 
+/// A verbs client's RDMA handshake: ATTACH (its session and token), then the RC handshake
+/// over the same socket, which stays open as the connection's liveness signal. The queue
+/// pair is kept with the session's connection and goes with it.
+async fn verbs_conn(
+    shared: Rc<RefCell<Shared>>,
+    mut stream: TcpStream,
+    region: Rc<RcRegion>,
+    options: Rc<VerbsOptions>,
+) {
+    let _ = stream.set_nodelay(true);
+    let mut header = [0u8; data::ATTACH_LEN];
+    if stream.read_exact(&mut header).await.is_err() {
+        return;
+    }
+    let Ok(attach) = Attach::decode(&header) else {
+        return;
+    };
+    let sid = attach.session;
+    {
+        let sh = shared.borrow();
+        let attached = sh.conns.get(&sid).is_some_and(|c| c.verbs.is_some());
+        if attached || !sh.store.check_token(sid, attach.token, Transport::Verbs) {
+            return;
+        }
+    }
+    let connection = match RcConnection::handshake(stream, &region, &options).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(session = sid, error = %e, "RDMA handshake failed");
+            return;
+        }
+    };
+    let mut sh = shared.borrow_mut();
+    // The session may have ended (or attached another queue pair) meanwhile: then this one
+    // is dropped here.
+    if let Some(conn) = sh.conns.get_mut(&sid) {
+        if conn.verbs.is_none() {
+            conn.verbs = Some(connection);
+            sh.io.verbs_connections += 1;
+        }
+    }
+}
+
 /// A tcp client's data connection: PUTs in, DELIVERs out.
 async fn data_conn(shared: Rc<RefCell<Shared>>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
@@ -557,7 +656,7 @@ async fn data_conn(shared: Rc<RefCell<Shared>>, stream: TcpStream) {
     let (tx, rx) = mpsc::unbounded_channel();
     {
         let mut sh = shared.borrow_mut();
-        if !sh.store.check_token(sid, attach.token) {
+        if !sh.store.check_token(sid, attach.token, Transport::Tcp) {
             return;
         }
         let Some(conn) = sh.conns.get_mut(&sid) else {

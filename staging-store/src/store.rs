@@ -89,6 +89,8 @@ pub struct StoreOptions {
     pub verify_checksums: bool,
     /// TCP port of the data listener, told to clients.
     pub data_port: u16,
+    /// TCP port of the RDMA handshake listener, told to clients (0: no verbs).
+    pub verbs_port: u16,
 }
 
 /// Something the server must send.
@@ -591,7 +593,12 @@ impl Store {
         Ok(lease)
     }
 
-    /// Sets the data port told to tcp clients in the welcome.
+    /// Sets the RDMA handshake port told to verbs clients in the welcome (0: no verbs).
+    pub fn set_verbs_port(&mut self, port: u16) {
+        self.options.verbs_port = port;
+    }
+
+    /// Sets the data listener's port (told to tcp clients at hello).
     pub fn set_data_port(&mut self, port: u16) {
         self.options.data_port = port;
     }
@@ -802,11 +809,12 @@ impl Store {
         id
     }
 
-    /// Whether `token` is the data-connection secret of tcp session `session`.
-    pub fn check_token(&self, session: SessionId, token: u64) -> bool {
+    /// Whether `token` is the secret of `session`, which said hello with `transport`: what a
+    /// tcp client's data connection or a verbs client's RDMA handshake must show.
+    pub fn check_token(&self, session: SessionId, token: u64, transport: Transport) -> bool {
         self.sessions
             .get(&session)
-            .is_some_and(|s| s.transport == Some(Transport::Tcp) && s.token == token)
+            .is_some_and(|s| s.transport == Some(transport) && s.token == token)
     }
 
     /// The client name a session gave in its hello.
@@ -961,6 +969,12 @@ impl Store {
                 "this store has no data listener for tcp clients (serve --listen-tcp)",
             ));
         }
+        if transport == Transport::Verbs && self.options.verbs_port == 0 {
+            return Err(err(
+                ErrorCode::Unsupported,
+                "this store offers no RDMA (serve --verbs)",
+            ));
+        }
         s.transport = Some(transport);
         s.client = client;
         Ok(Reply::Welcome(Welcome {
@@ -972,6 +986,7 @@ impl Store {
             block_bytes: self.region.block_size(),
             data_port: self.options.data_port,
             checksums: self.options.checksums_required,
+            verbs_port: self.options.verbs_port,
         }))
     }
 
@@ -1187,7 +1202,7 @@ impl Store {
         let local = self
             .sessions
             .get(&session)
-            .is_some_and(|s| s.transport == Some(Transport::Shm));
+            .is_some_and(|s| matches!(s.transport, Some(Transport::Shm | Transport::Verbs)));
         let (recycled, previous) = match dirty_ok
             .then(|| {
                 self.recycled

@@ -75,10 +75,10 @@ impl Rng {
             0 => Body::Hello {
                 version: self.num() as u32,
                 client: self.name(),
-                transport: if self.below(2) == 0 {
-                    Transport::Shm
-                } else {
-                    Transport::Tcp
+                transport: match self.below(3) {
+                    0 => Transport::Shm,
+                    1 => Transport::Tcp,
+                    _ => Transport::Verbs,
                 },
             },
             1 => Body::CreateStream {
@@ -187,6 +187,7 @@ impl Rng {
                 block_bytes: self.num(),
                 data_port: self.num() as u16,
                 checksums: self.below(2) == 0,
+                verbs_port: self.num() as u16,
             })),
             3 => Ok(Reply::Granted(Grant {
                 object: self.num(),

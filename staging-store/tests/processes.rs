@@ -115,7 +115,8 @@ fn child_entry() {
                         unsafe { client.grant_bytes(&grant) }.unwrap()[..half]
                             .copy_from_slice(&bytes[..half]);
                     }
-                    staging_store::proto::Transport::Tcp => {
+                    staging_store::proto::Transport::Tcp
+                    | staging_store::proto::Transport::Verbs => {
                         client.write_grant(&grant, 0, &bytes[..half]).await.unwrap();
                     }
                 }

@@ -24,6 +24,11 @@ impl TestStore {
         format!("tcp:{}", self.bound.tcp.unwrap())
     }
 
+    /// The control address without a transport prefix: RDMA when both sides can, else tcp.
+    pub fn remote(&self) -> String {
+        self.bound.tcp.unwrap().to_string()
+    }
+
     /// Stops the store and returns its final counters.
     pub fn stop(mut self) -> staging_store::proto::StoreStat {
         let _ = self.stop.take().unwrap().send(());
@@ -57,6 +62,15 @@ pub fn temp_dir(tag: &str) -> PathBuf {
 
 /// Serves `make()`'s store on a Unix socket and loopback TCP.
 pub fn start(tag: &str, make: impl FnOnce() -> Store + Send + 'static) -> TestStore {
+    start_with(tag, None, make)
+}
+
+/// [`start`], with an RDMA handshake listener at `verbs` (which needs a device).
+pub fn start_with(
+    tag: &str,
+    verbs: Option<std::net::SocketAddr>,
+    make: impl FnOnce() -> Store + Send + 'static,
+) -> TestStore {
     let dir = temp_dir(tag);
     let sock = dir.join("store.sock");
     let (ready_tx, ready_rx) = mpsc::channel();
@@ -75,6 +89,7 @@ pub fn start(tag: &str, make: impl FnOnce() -> Store + Send + 'static) -> TestSt
                     tcp: Some("127.0.0.1:0".parse().unwrap()),
                     data: None,
                     metrics: Some("127.0.0.1:0".parse().unwrap()),
+                    verbs,
                 },
                 |b| ready_tx.send(b.clone()).unwrap(),
                 async {

@@ -72,6 +72,7 @@ pub(crate) fn serve(args: &ServerArgs) -> Result<(), StoreBenchError> {
         tcp: Some("127.0.0.1:0".parse().expect("a socket address")),
         data: None,
         metrics: None,
+        verbs: None,
     };
     local
         .block_on(&runtime, async move {
