@@ -548,6 +548,12 @@ impl Client {
         self.inner.transport
     }
 
+    /// A verbs client's completion-queue counters (completions, polls, sleeps on the channel):
+    /// its RDMA WRITEs and READs complete here, not at the store. `None` for shm and tcp.
+    pub fn rdma_poll_stats(&self) -> Option<capnp_rdma::transport::verbs::PollStats> {
+        self.inner.verbs.get().map(|v| v.connection.poll_stats())
+    }
+
     /// What the store said at hello.
     pub fn welcome(&self) -> &Welcome {
         &self.inner.welcome

@@ -79,6 +79,11 @@ async fn verbs_producer_to_verbs_and_shm_consumers() {
         r.release().await.unwrap();
         l.release().await.unwrap();
     }
+    // Every frame moved with one RDMA operation: 6 WRITEs, 6 READs (+ the get below).
+    let completions = |c: &Client| c.rdma_poll_stats().expect("a verbs client").completions;
+    assert_eq!(completions(&producer), 6);
+    assert_eq!(completions(&consumer), 6);
+    assert!(local.rdma_poll_stats().is_none());
     // A get over RDMA.
     let got = within(consumer.get("cam", Some(5))).await.unwrap();
     assert_eq!(stamp(got.bytes()), 5);
