@@ -598,6 +598,15 @@ async fn control_writer(
     }
 }
 
+/// How long a data or RDMA-handshake connection may take to show its ATTACH header.
+const ATTACH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Whether the ATTACH header arrived whole within [`ATTACH_TIMEOUT`] (a connection that sends
+/// nothing does not hold a task forever).
+async fn attach_in_time(read: impl std::future::Future<Output = io::Result<usize>>) -> bool {
+    matches!(tokio::time::timeout(ATTACH_TIMEOUT, read).await, Ok(Ok(_)))
+}
+
 /// A verbs client's RDMA handshake: ATTACH (its session and token), then the RC handshake
 /// over the same socket, which stays open as the connection's liveness signal. The queue
 /// pair is kept with the session's connection and goes with it.
@@ -609,7 +618,7 @@ async fn verbs_conn(
 ) {
     let _ = stream.set_nodelay(true);
     let mut header = [0u8; data::ATTACH_LEN];
-    if stream.read_exact(&mut header).await.is_err() {
+    if !attach_in_time(stream.read_exact(&mut header)).await {
         return;
     }
     let Ok(attach) = Attach::decode(&header) else {
@@ -623,10 +632,15 @@ async fn verbs_conn(
             return;
         }
     }
-    let connection = match RcConnection::handshake(stream, &region, &options).await {
-        Ok(c) => c,
-        Err(e) => {
+    let handshake = RcConnection::handshake(stream, &region, &options);
+    let connection = match tokio::time::timeout(ATTACH_TIMEOUT * 3, handshake).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
             tracing::warn!(session = sid, error = %e, "RDMA handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(session = sid, "RDMA handshake timed out");
             return;
         }
     };
@@ -646,7 +660,7 @@ async fn data_conn(shared: Rc<RefCell<Shared>>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let (mut rd, wr) = stream.into_split();
     let mut header = [0u8; data::ATTACH_LEN];
-    if rd.read_exact(&mut header).await.is_err() {
+    if !attach_in_time(rd.read_exact(&mut header)).await {
         return;
     }
     let Ok(attach) = Attach::decode(&header) else {
