@@ -145,8 +145,16 @@ struct Inner {
     closed_subscriptions: Mutex<std::collections::HashSet<u32>>,
 }
 
-/// Bytes of a verbs client's own registered region: frames on their way in and out.
+/// Bytes of a verbs client's own registered region (frames on their way in and out), unless
+/// `STAGING_STORE_VERBS_STAGING_BYTES` says otherwise: enough for a window of 4K frames.
 const VERBS_STAGING_BYTES: u64 = 256 << 20;
+
+fn verbs_staging_bytes() -> u64 {
+    std::env::var("STAGING_STORE_VERBS_STAGING_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(VERBS_STAGING_BYTES)
+}
 
 /// A verbs client's side of RDMA.
 struct Verbs {
@@ -374,7 +382,7 @@ impl Client {
         options: &VerbsOptions,
     ) -> Result<Client, ClientError> {
         let peer = stream.peer_addr().map_err(io_err("the store's address"))?;
-        let staging = Region::create(&RegionOptions::memfd(VERBS_STAGING_BYTES))?;
+        let staging = Region::create(&RegionOptions::memfd(verbs_staging_bytes()))?;
         let staging = RcRegion::register(device, &staging)?;
         let mut handshake = TcpStream::connect((peer.ip(), welcome.verbs_port))
             .await
