@@ -309,7 +309,12 @@ pub(crate) async fn serve(listener: TcpListener, shared: Rc<RefCell<Shared>>) {
                 &sh.store.blocks(),
                 &sh.store.region().stats(),
                 &sh.store.stream_stats(),
-                &sh.io,
+                &IoCounters {
+                    data_bytes_out: sh
+                        .data_bytes_out
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                    ..sh.io
+                },
             )
         };
         tokio::task::spawn_local(async move {
