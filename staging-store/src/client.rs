@@ -746,7 +746,7 @@ impl Client {
             len: bytes.len() as u64,
         }
         .encode();
-        data::write_with_header(&mut *w, &header, bytes)
+        data::write_with_header(&mut w, &header, bytes)
             .await
             .map_err(io_err("writing a PUT"))?;
         Ok(())

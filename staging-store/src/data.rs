@@ -24,7 +24,7 @@ use crate::proto::Delivery;
 use std::io::{self, IoSlice};
 use std::os::fd::AsRawFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 /// The most a reader waits for before it is woken (the receive low-water mark's cap; the
 /// kernel grows the receive buffer to fit it). Measured with `frame-bench store` (store-tcp,
@@ -90,7 +90,7 @@ pub async fn read_body(rd: &mut OwnedReadHalf, dst: &mut [u8]) -> io::Result<()>
 /// Writes `header` and `bytes` as one stream of bytes, in as few system calls as the socket
 /// allows (the header does not leave as a segment of its own).
 pub async fn write_with_header(
-    wr: &mut (impl AsyncWriteExt + Unpin),
+    wr: &mut OwnedWriteHalf,
     header: &[u8],
     bytes: &[u8],
 ) -> io::Result<()> {

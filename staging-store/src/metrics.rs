@@ -309,12 +309,7 @@ pub(crate) async fn serve(listener: TcpListener, shared: Rc<RefCell<Shared>>) {
                 &sh.store.blocks(),
                 &sh.store.region().stats(),
                 &sh.store.stream_stats(),
-                &IoCounters {
-                    data_bytes_out: sh
-                        .data_bytes_out
-                        .load(std::sync::atomic::Ordering::Relaxed),
-                    ..sh.io
-                },
+                &sh.io,
             )
         };
         tokio::task::spawn_local(async move {

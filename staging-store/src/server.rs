@@ -129,8 +129,6 @@ pub(crate) struct Shared {
     conns: HashMap<SessionId, Conn>,
     pending: HashMap<SessionId, Vec<u8>>,
     pub(crate) io: IoCounters,
-    /// Bytes the data plane sent (it runs on its own thread).
-    pub(crate) data_bytes_out: Arc<std::sync::atomic::AtomicU64>,
     timer: Rc<Notify>,
 }
 
@@ -344,7 +342,6 @@ pub async fn serve(
         conns: HashMap::new(),
         pending: HashMap::new(),
         io: IoCounters::default(),
-        data_bytes_out: Arc::default(),
         timer: Rc::clone(&timer),
     }));
     // Poll the shutdown future once before announcing readiness: one that installs a signal
@@ -397,18 +394,11 @@ pub async fn serve(
     }
     if let Some(l) = data {
         let shared = Rc::clone(&shared);
-        let plane = Rc::new(
-            DataPlane::start().map_err(bind("data plane thread", String::from("-")))?,
-        );
         tasks.spawn_local(async move {
             loop {
                 match l.accept().await {
                     Ok((s, _)) => {
-                        tokio::task::spawn_local(data_conn(
-                            Rc::clone(&shared),
-                            s,
-                            Rc::clone(&plane),
-                        ));
+                        tokio::task::spawn_local(data_conn(Rc::clone(&shared), s));
                     }
                     Err(e) => tracing::warn!(error = %e, "data accept"),
                 }
@@ -665,61 +655,10 @@ async fn verbs_conn(
     }
 }
 
-/// A thread of its own for the data connections' DELIVER writes (a current-thread runtime):
-/// a frame's copy into the consumer's socket runs beside the server thread, which reads PUTs
-/// and answers requests. Stopped when dropped.
-struct DataPlane {
-    handle: tokio::runtime::Handle,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl DataPlane {
-    fn start() -> io::Result<Self> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let handle = runtime.handle().clone();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("staging-store-data".into())
-            .spawn(move || {
-                runtime.block_on(async {
-                    let _ = stopped.await;
-                });
-            })?;
-        Ok(Self {
-            handle,
-            stop: Some(stop),
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for DataPlane {
-    fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 /// A tcp client's data connection: PUTs in, DELIVERs out.
-async fn data_conn(shared: Rc<RefCell<Shared>>, stream: TcpStream, plane: Rc<DataPlane>) {
+async fn data_conn(shared: Rc<RefCell<Shared>>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
-    // The DELIVER side runs on the data-plane thread, on its own descriptor of the socket.
-    let Some((stream, wr)) = stream
-        .into_std()
-        .and_then(|s| Ok((s.try_clone()?, s)))
-        .ok()
-        .and_then(|(r, w)| Some((TcpStream::from_std(r).ok()?, w)))
-    else {
-        return;
-    };
-    // This descriptor only reads; its write half stays alive (unused) until the end, as
-    // dropping it would shut the socket's sending side down under the data plane.
-    let (mut rd, _unused_write_half) = stream.into_split();
+    let (mut rd, wr) = stream.into_split();
     let mut header = [0u8; data::ATTACH_LEN];
     if !attach_in_time(rd.read_exact(&mut header)).await {
         return;
@@ -745,8 +684,7 @@ async fn data_conn(shared: Rc<RefCell<Shared>>, stream: TcpStream, plane: Rc<Dat
         }
         conn.data = Some(tx);
     }
-    let bytes_out = Arc::clone(&shared.borrow().data_bytes_out);
-    let writer = plane.handle.spawn(data_writer(wr, rx, bytes_out));
+    let writer = tokio::task::spawn_local(data_writer(wr, rx, Rc::clone(&shared)));
     let why = data_reader(&shared, sid, &mut rd).await;
     {
         let mut sh = shared.borrow_mut();
@@ -831,14 +769,10 @@ async fn data_reader(
 }
 
 async fn data_writer(
-    wr: std::net::TcpStream,
+    mut wr: tokio::net::tcp::OwnedWriteHalf,
     mut rx: mpsc::UnboundedReceiver<(proto::Delivery, Arc<BlockLease>)>,
-    bytes_out: Arc<std::sync::atomic::AtomicU64>,
+    shared: Rc<RefCell<Shared>>,
 ) {
-    // Registered with the data plane's runtime, which runs this task.
-    let Ok(mut wr) = TcpStream::from_std(wr) else {
-        return;
-    };
     while let Some((delivery, lease)) = rx.recv().await {
         let header = data::encode_deliver(&delivery);
         // SAFETY: the frame is sealed: nobody writes its bytes any more, and `lease` keeps its
@@ -853,7 +787,7 @@ async fn data_writer(
         {
             return;
         }
-        bytes_out.fetch_add(delivery.len, std::sync::atomic::Ordering::Relaxed);
+        shared.borrow_mut().io.data_bytes_out += delivery.len;
         drop(lease);
     }
 }
