@@ -323,6 +323,37 @@ fn welcome_of(message: Option<ServerMessage>) -> Result<Welcome, ClientError> {
     }
 }
 
+/// A second socket to the store (same host as the control connection `control`, at `port`)
+/// that has shown the session's ATTACH header: a tcp client's data connection, or a verbs
+/// client's RDMA handshake.
+async fn attached(
+    control: &TcpStream,
+    welcome: &Welcome,
+    port: u16,
+    what: &'static str,
+) -> Result<TcpStream, ClientError> {
+    let peer = control.peer_addr().map_err(io_err("the store's address"))?;
+    let mut socket = TcpStream::connect((peer.ip(), port))
+        .await
+        .map_err(|source| ClientError::Io {
+            what: "connecting to the store",
+            source: io::Error::new(source.kind(), format!("{what}: {source}")),
+        })?;
+    let _ = socket.set_nodelay(true);
+    let attach = Attach {
+        session: welcome.session,
+        token: welcome.token,
+    };
+    socket
+        .write_all(&attach.encode())
+        .await
+        .map_err(|source| ClientError::Io {
+            what: "attaching to the session",
+            source: io::Error::new(source.kind(), format!("{what}: {source}")),
+        })?;
+    Ok(socket)
+}
+
 impl Client {
     /// Connects to the store at `addr` and says hello as `name`. `unix:PATH` or a path: shm
     /// (same host, frames read and written in place). `HOST:PORT`: RDMA when this host has a
@@ -381,23 +412,9 @@ impl Client {
         device: &VerbsDevice,
         options: &VerbsOptions,
     ) -> Result<Client, ClientError> {
-        let peer = stream.peer_addr().map_err(io_err("the store's address"))?;
         let staging = Region::create(&RegionOptions::memfd(verbs_staging_bytes()))?;
         let staging = RcRegion::register(device, &staging)?;
-        let mut handshake = TcpStream::connect((peer.ip(), welcome.verbs_port))
-            .await
-            .map_err(io_err("connecting to the store's RDMA handshake"))?;
-        let _ = handshake.set_nodelay(true);
-        handshake
-            .write_all(
-                &Attach {
-                    session: welcome.session,
-                    token: welcome.token,
-                }
-                .encode(),
-            )
-            .await
-            .map_err(io_err("attaching the RDMA connection"))?;
+        let handshake = attached(&stream, &welcome, welcome.verbs_port, "RDMA handshake").await?;
         let connection = RcConnection::handshake(handshake, &staging, options).await?;
         let (read, write) = stream.into_split();
         let client = Self::start(read, write, buf, welcome, Transport::Verbs, None, None);
@@ -477,22 +494,8 @@ impl Client {
             .await
             .map_err(io_err("sending hello"))?;
         let welcome = welcome_of(read_message(&mut stream, &mut buf).await?)?;
-        let peer = stream.peer_addr().map_err(io_err("the store's address"))?;
-        let data = TcpStream::connect((peer.ip(), welcome.data_port))
-            .await
-            .map_err(io_err("connecting the data connection"))?;
-        let _ = data.set_nodelay(true);
-        let (data_read, mut data_write) = data.into_split();
-        data_write
-            .write_all(
-                &Attach {
-                    session: welcome.session,
-                    token: welcome.token,
-                }
-                .encode(),
-            )
-            .await
-            .map_err(io_err("attaching the data connection"))?;
+        let data = attached(&stream, &welcome, welcome.data_port, "data connection").await?;
+        let (data_read, data_write) = data.into_split();
         let (read, write) = stream.into_split();
         let client = Self::start(
             read,

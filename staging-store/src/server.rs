@@ -601,10 +601,15 @@ async fn control_writer(
 /// How long a data or RDMA-handshake connection may take to show its ATTACH header.
 const ATTACH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Whether the ATTACH header arrived whole within [`ATTACH_TIMEOUT`] (a connection that sends
-/// nothing does not hold a task forever).
-async fn attach_in_time(read: impl std::future::Future<Output = io::Result<usize>>) -> bool {
-    matches!(tokio::time::timeout(ATTACH_TIMEOUT, read).await, Ok(Ok(_)))
+/// The ATTACH header a data or RDMA-handshake connection starts with, if it arrives whole and
+/// well-formed within [`ATTACH_TIMEOUT`] (a connection that sends nothing does not hold a
+/// task forever).
+async fn read_attach(from: &mut (impl AsyncReadExt + Unpin)) -> Option<Attach> {
+    let mut header = [0u8; data::ATTACH_LEN];
+    match tokio::time::timeout(ATTACH_TIMEOUT, from.read_exact(&mut header)).await {
+        Ok(Ok(_)) => Attach::decode(&header).ok(),
+        _ => None,
+    }
 }
 
 /// A verbs client's RDMA handshake: ATTACH (its session and token), then the RC handshake
@@ -617,11 +622,7 @@ async fn verbs_conn(
     options: Rc<VerbsOptions>,
 ) {
     let _ = stream.set_nodelay(true);
-    let mut header = [0u8; data::ATTACH_LEN];
-    if !attach_in_time(stream.read_exact(&mut header)).await {
-        return;
-    }
-    let Ok(attach) = Attach::decode(&header) else {
+    let Some(attach) = read_attach(&mut stream).await else {
         return;
     };
     let sid = attach.session;
@@ -659,11 +660,7 @@ async fn verbs_conn(
 async fn data_conn(shared: Rc<RefCell<Shared>>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let (mut rd, wr) = stream.into_split();
-    let mut header = [0u8; data::ATTACH_LEN];
-    if !attach_in_time(rd.read_exact(&mut header)).await {
-        return;
-    }
-    let Ok(attach) = Attach::decode(&header) else {
+    let Some(attach) = read_attach(&mut rd).await else {
         return;
     };
     let sid = attach.session;

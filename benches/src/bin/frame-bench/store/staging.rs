@@ -297,6 +297,17 @@ async fn produce(
     }
 }
 
+/// A `dirtyOk` grant of `len` bytes for the next frame of the bench stream.
+async fn create_dirty(
+    client: &Client,
+    len: usize,
+) -> Result<staging_store::proto::Grant, StoreBenchError> {
+    tokio::time::timeout(STALL, client.create_with("bench", len as u64, true))
+        .await
+        .map_err(|_| StoreBenchError::Stalled("the store to grant"))?
+        .map_err(client_err("create"))
+}
+
 fn check_sealed(sealed: Result<u64, ClientError>, seq: u64) -> Result<(), StoreBenchError> {
     let sealed = sealed.map_err(client_err("seal"))?;
     if sealed != seq {
@@ -326,10 +337,7 @@ async fn produce_tcp(
         let last = flow.admit(seq).await?;
         flow.started(seq);
         // Every byte is sent: the grant need not be zeroed.
-        let grant = tokio::time::timeout(STALL, client.create_with("bench", len as u64, true))
-            .await
-            .map_err(|_| StoreBenchError::Stalled("the store to grant"))?
-            .map_err(client_err("create"))?;
+        let grant = create_dirty(client, len).await?;
         let bytes = Word::words_to_bytes_mut(&mut message);
         template.stamp(bytes, seq)?;
         client
@@ -377,10 +385,7 @@ async fn produce_shm(
         flow.started(seq);
         // Either every byte is written or only the stamp changes: the grant need not be
         // zeroed, and a grant of freed blocks says which frame they still hold.
-        let grant = tokio::time::timeout(STALL, client.create_with("bench", len as u64, true))
-            .await
-            .map_err(|_| StoreBenchError::Stalled("the store to grant"))?
-            .map_err(client_err("create"))?;
+        let grant = create_dirty(client, len).await?;
         Ok::<_, StoreBenchError>((grant, last))
     };
     let (mut grant, mut last) = create(0).await?;
