@@ -141,12 +141,16 @@ struct Inner {
     spare: Mutex<Vec<Vec<capnp::Word>>>,
     /// verbs: the RC connection to the store's region and this client's registered region.
     verbs: std::sync::OnceLock<Verbs>,
+    /// tcp: a region of this client's own that in-place messages are built in (made on first
+    /// use).
+    local: std::sync::OnceLock<Region>,
     /// Subscriptions this client closed: deliveries still on their way to them are released.
     closed_subscriptions: Mutex<std::collections::HashSet<u32>>,
 }
 
-/// Bytes of a verbs client's own registered region (frames on their way in and out), unless
-/// `STAGING_STORE_VERBS_STAGING_BYTES` says otherwise: enough for a window of 4K frames.
+/// Bytes of a verbs client's own registered region (frames on their way in and out), and of a
+/// tcp client's region for in-place messages, unless `STAGING_STORE_VERBS_STAGING_BYTES` says
+/// otherwise: enough for a window of 4K frames.
 const VERBS_STAGING_BYTES: u64 = 256 << 20;
 
 fn verbs_staging_bytes() -> u64 {
@@ -548,6 +552,7 @@ impl Client {
             notices: Mutex::new(Vec::new()),
             spare: Mutex::new(Vec::new()),
             verbs: std::sync::OnceLock::new(),
+            local: std::sync::OnceLock::new(),
             closed_subscriptions: Mutex::new(std::collections::HashSet::new()),
         });
         tokio::spawn(control_reader(Arc::downgrade(&inner), read, buf));
@@ -702,6 +707,61 @@ impl Client {
             .verbs
             .get()
             .ok_or_else(|| ClientError::Grant("not a verbs client".into()))
+    }
+
+    /// The region of this client's own that messages for remote grants are built in: the
+    /// registered one (verbs), or a private one made on first use (tcp). shm clients build in
+    /// the store's region itself ([`region`](Self::region)).
+    pub(crate) fn staging_region(&self) -> Result<Region, ClientError> {
+        match self.inner.transport {
+            Transport::Verbs => Ok(self.verbs()?.staging.region().clone()),
+            Transport::Tcp => {
+                if let Some(region) = self.inner.local.get() {
+                    return Ok(region.clone());
+                }
+                let region = Region::create(&RegionOptions::memfd(verbs_staging_bytes()))?;
+                // Two first uses at once: one region is kept, the other dropped.
+                let _ = self.inner.local.set(region);
+                Ok(self.inner.local.get().expect("just set").clone())
+            }
+            Transport::Shm => Err(ClientError::Grant(
+                "an shm client builds in the store's region".into(),
+            )),
+        }
+    }
+
+    /// Sends `len` bytes of [`staging_region`](Self::staging_region) at `local_offset` into
+    /// the grant at `at`: one RDMA WRITE straight from the registered region (verbs, no copy
+    /// here), or a PUT on the data connection (tcp).
+    ///
+    /// # Safety
+    /// Nobody writes `local_offset .. local_offset + len` of the staging region until this
+    /// returns (the caller holds the lease that covers it).
+    pub(crate) async unsafe fn write_staged(
+        &self,
+        grant: &Grant,
+        at: u64,
+        local_offset: u64,
+        len: u64,
+    ) -> Result<(), ClientError> {
+        if at.checked_add(len).is_none_or(|end| end > grant.len) {
+            return Err(ClientError::Grant(format!(
+                "{len} bytes at {at} do not fit the grant of {} bytes",
+                grant.len
+            )));
+        }
+        if self.inner.transport == Transport::Verbs {
+            self.verbs()?
+                .connection
+                .write(&[(local_offset, len)], grant.offset + at)
+                .await?;
+            return Ok(());
+        }
+        let region = self.staging_region()?;
+        // SAFETY: in the staging region (`bytes` checks the range), and the caller guarantees
+        // that nobody writes it while this slice lives.
+        let bytes = unsafe { region.bytes(local_offset, len) }?;
+        self.write_grant(grant, at, bytes).await
     }
 
     /// A delivered frame's bytes, read by RDMA into this client's region (verbs). On failure

@@ -22,7 +22,8 @@
 //!   client loses, what a full stream does).
 //! - [`server`]: sockets around it; [`metrics`]: the Prometheus endpoint; [`journal`]:
 //!   persistence; [`data`]: the tcp data connection.
-//! - [`client`]: the library operators use; [`in_place`]: zero-copy frame writing over shm.
+//! - [`client`]: the library operators use; [`in_place`]: frames built where their transport
+//!   sends them from (the grant itself over shm, the registered region over verbs).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {

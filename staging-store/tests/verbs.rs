@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{framed, memory_store, stamp, start, start_with};
+use common::{check_in_place, framed, in_place_frame, memory_store, stamp, start, start_with};
 use staging_store::client::{Client, ClientError};
 use staging_store::proto::{Cursor, ErrorCode, StreamConfig, Transport};
 use std::future::Future;
@@ -172,4 +172,58 @@ async fn without_a_verbs_listener_clients_use_tcp_or_are_told_why_not() {
         matches!(&required, Err(ClientError::Store(e)) if e.code == ErrorCode::Unsupported),
         "{required:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs an RDMA device: run in the Soft-RoCE guest (ci/test)"]
+async fn a_verbs_producer_builds_frames_in_its_registered_region() {
+    let store = verbs_store("verbs-in-place");
+    let producer = within(Client::connect(&store.remote(), "producer"))
+        .await
+        .unwrap();
+    let local = within(Client::connect(&store.unix(), "local"))
+        .await
+        .unwrap();
+    assert_eq!(producer.transport(), Transport::Verbs);
+    local
+        .create_stream("cam", StreamConfig::default(), false)
+        .await
+        .unwrap();
+    let mut sub = within(local.subscribe("cam", "checker", Cursor::Oldest, 4))
+        .await
+        .unwrap();
+    for seq in 0..4u64 {
+        // Pixels written in the producer's registered region, sent by the NIC: one RDMA
+        // WRITE per frame and no copy on either side.
+        assert_eq!(
+            within(in_place_frame(&producer, "cam", seq)).await.unwrap(),
+            seq
+        );
+        let f = within(sub.next()).await.unwrap();
+        assert_eq!(check_in_place(f.bytes()), seq, "frame {seq} intact");
+        f.release().await.unwrap();
+    }
+    assert_eq!(producer.rdma_poll_stats().unwrap().completions, 4);
+    // A frame that outgrows its grant is never sent, and its grant goes back.
+    let spec = capnp_rdma::frame::FrameSpec::new(capnp_rdma::frame::PixelFormat::I420, 1920, 1080);
+    let small = capnp_rdma::frame::FrameSpec::new(capnp_rdma::frame::PixelFormat::I420, 640, 360);
+    let mut frame = within(staging_store::in_place::InPlace::create_frame(
+        &producer, "cam", &small,
+    ))
+    .await
+    .unwrap();
+    frame.message_mut().init_frame(&spec).unwrap();
+    assert!(matches!(
+        within(frame.seal()).await,
+        Err(staging_store::in_place::InPlaceError::Slot(
+            capnp_rdma::slot::SlotError::Overflow { .. }
+        ))
+    ));
+    assert_eq!(producer.rdma_poll_stats().unwrap().completions, 4);
+    within(async {
+        while local.stat().await.unwrap().blocks_in_use != 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
 }

@@ -139,3 +139,30 @@ pub fn stamp(bytes: &[u8]) -> u64 {
     );
     seq
 }
+
+/// Writes a 1080p I420 frame in place (where the client's transport sends it from): `seq`
+/// stamped as [`framed`] does, chroma filled with `seq as u8`. Returns the sealed seq.
+pub async fn in_place_frame(
+    client: &staging_store::client::Client,
+    stream: &str,
+    seq: u64,
+) -> Result<u64, staging_store::in_place::InPlaceError> {
+    let spec = FrameSpec::new(PixelFormat::I420, 1920, 1080);
+    let mut frame = staging_store::in_place::InPlace::create_frame(client, stream, &spec).await?;
+    let mut w = frame.message_mut().init_frame(&spec)?;
+    w.builder().set_sequence(seq);
+    w.plane_mut(0)?[..8].copy_from_slice(&seq.to_le_bytes());
+    w.plane_mut(1)?.fill(seq as u8);
+    w.plane_mut(2)?.fill(!(seq as u8));
+    frame.seal().await
+}
+
+/// Checks a frame written by [`in_place_frame`]: its stamp, and every chroma byte.
+pub fn check_in_place(bytes: &[u8]) -> u64 {
+    let seq = stamp(bytes);
+    let (reader, _) = capnp_rdma::reader::read_frame(bytes, &Default::default()).unwrap();
+    let view = capnp_rdma::frame::FrameView::new(&reader).unwrap();
+    assert!(view.plane(1).unwrap().iter().all(|&b| b == seq as u8));
+    assert!(view.plane(2).unwrap().iter().all(|&b| b == !(seq as u8)));
+    seq
+}
