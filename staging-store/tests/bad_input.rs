@@ -810,3 +810,49 @@ async fn a_request_with_id_0_is_answered_only_when_it_fails() {
     };
     assert_eq!(streams.len(), 1, "the first create happened, unanswered");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_connection_that_never_attaches_is_closed_after_10_s() {
+    let store = start("bad-silent-data", || memory_store(16 << 20));
+    let producer = within(Client::connect(&store.unix(), "producer"))
+        .await
+        .unwrap();
+    let consumer = within(Client::connect(&store.tcp(), "consumer"))
+        .await
+        .unwrap();
+    producer.create_stream("s", RETAIN, false).await.unwrap();
+    let mut sub = consumer
+        .subscribe("s", "c", Cursor::Oldest, 4)
+        .await
+        .unwrap();
+    // Connections to the data port that say nothing, and one that stops mid-header.
+    let data = store.bound.data.unwrap();
+    let started = Instant::now();
+    let mut silent: Vec<std::net::TcpStream> = (0..3)
+        .map(|_| std::net::TcpStream::connect(data).unwrap())
+        .collect();
+    silent[2].write_all(b"SSDA\x01\x00").unwrap();
+    // Meanwhile the store serves everybody else.
+    let mut seq = 0;
+    for _ in 0..3 {
+        put_and_get(&producer, &consumer, &mut sub, &mut seq).await;
+    }
+    tokio::task::block_in_place(|| {
+        for s in &mut silent {
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let mut byte = [0u8; 1];
+            // Closed by the store (end of stream or reset), not by the read timeout.
+            match s.read(&mut byte) {
+                Ok(0) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+                other => panic!("expected the store to close it, got {other:?}"),
+            }
+        }
+    });
+    let waited = started.elapsed();
+    assert!(
+        (Duration::from_secs(9)..Duration::from_secs(20)).contains(&waited),
+        "closed after {waited:?}"
+    );
+    put_and_get(&producer, &consumer, &mut sub, &mut seq).await;
+}
