@@ -148,10 +148,13 @@ struct Inner {
     closed_subscriptions: Mutex<std::collections::HashSet<u32>>,
 }
 
-/// Bytes of a verbs client's own registered region (frames on their way in and out), and of a
-/// tcp client's region for in-place messages, unless `STAGING_STORE_VERBS_STAGING_BYTES` says
-/// otherwise: enough for a window of 4K frames.
+/// Bytes of a verbs client's own registered region (frames on their way in and out), unless
+/// `STAGING_STORE_VERBS_STAGING_BYTES` says otherwise: enough for a window of 4K frames.
 const VERBS_STAGING_BYTES: u64 = 256 << 20;
+
+/// Bytes of a tcp client's own region for in-place messages (made on its first `InPlace`): a
+/// lease lives only from `create` to the PUT at the seal, so five 4K frames built at once.
+const TCP_STAGING_BYTES: u64 = 64 << 20;
 
 fn verbs_staging_bytes() -> u64 {
     std::env::var("STAGING_STORE_VERBS_STAGING_BYTES")
@@ -719,7 +722,7 @@ impl Client {
                 if let Some(region) = self.inner.local.get() {
                     return Ok(region.clone());
                 }
-                let region = Region::create(&RegionOptions::memfd(verbs_staging_bytes()))?;
+                let region = Region::create(&RegionOptions::memfd(TCP_STAGING_BYTES))?;
                 // Two first uses at once: one region is kept, the other dropped.
                 let _ = self.inner.local.set(region);
                 Ok(self.inner.local.get().expect("just set").clone())
