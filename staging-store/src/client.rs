@@ -163,6 +163,17 @@ fn verbs_staging_bytes() -> u64 {
         .unwrap_or(VERBS_STAGING_BYTES)
 }
 
+/// `len` bytes at `at` lie inside `grant` (checked here for writes the store cannot see).
+fn fits(grant: &Grant, at: u64, len: u64) -> Result<(), ClientError> {
+    if at.checked_add(len).is_none_or(|end| end > grant.len) {
+        return Err(ClientError::Grant(format!(
+            "{len} bytes at {at} do not fit the grant of {} bytes",
+            grant.len
+        )));
+    }
+    Ok(())
+}
+
 /// A verbs client's side of RDMA.
 struct Verbs {
     connection: RcConnection,
@@ -747,12 +758,7 @@ impl Client {
         local_offset: u64,
         len: u64,
     ) -> Result<(), ClientError> {
-        if at.checked_add(len).is_none_or(|end| end > grant.len) {
-            return Err(ClientError::Grant(format!(
-                "{len} bytes at {at} do not fit the grant of {} bytes",
-                grant.len
-            )));
-        }
+        fits(grant, at, len)?;
         if self.inner.transport == Transport::Verbs {
             self.verbs()?
                 .connection
@@ -789,16 +795,7 @@ impl Client {
     ) -> Result<(), ClientError> {
         if self.inner.transport == Transport::Verbs {
             // The store cannot see RDMA writes: keep them inside the grant here.
-            if at
-                .checked_add(bytes.len() as u64)
-                .is_none_or(|end| end > grant.len)
-            {
-                return Err(ClientError::Grant(format!(
-                    "{} bytes at {at} do not fit the grant of {} bytes",
-                    bytes.len(),
-                    grant.len
-                )));
-            }
+            fits(grant, at, bytes.len() as u64)?;
             return self.verbs()?.write(bytes, grant.offset + at).await;
         }
         let data =

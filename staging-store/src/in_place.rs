@@ -33,7 +33,7 @@ use crate::client::{Client, ClientError};
 use crate::proto::{Grant, Transport};
 use capnp_rdma::frame::{FrameError, FrameSpec};
 use capnp_rdma::slot::{SlotError, SlotMessage};
-use capnp_rdma::{BlockLease, Region};
+use capnp_rdma::BlockLease;
 
 /// A grant being written in place as one message. Dropping it unsealed aborts the grant.
 pub struct InPlace {
@@ -87,10 +87,7 @@ impl InPlace {
         // be zeroed.
         let region = client.staging_region()?;
         let lease = region.lease(size).map_err(ClientError::Region)?;
-        let grant = match client.create_with(stream, size, true).await {
-            Ok(g) => g,
-            Err(e) => return Err(e.into()),
-        };
+        let grant = client.create_with(stream, size, true).await?;
         // The grant may be rounded up to the store's blocks: the message gets what both hold.
         let len = grant.len.min(lease.len());
         // SAFETY: a fresh lease is zeroed and ours alone (the region is this client's, and
@@ -161,7 +158,7 @@ impl InPlace {
     }
 
     async fn send_and_seal(&mut self, message: SlotMessage) -> Result<u64, InPlaceError> {
-        let region: Region = message.region().clone();
+        let region = message.region().clone();
         let framed = message.finish()?;
         let checksum = if self.checksum {
             // SAFETY: the message is finished and nobody writes its bytes: the grant is this

@@ -558,17 +558,7 @@ async fn a_tcp_put_outside_its_grant_is_a_notice_and_the_data_connection_survive
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_on_a_control_connection_closes_that_connection_only() {
     let store = start("bad-garbage", || memory_store(16 << 20));
-    let producer = within(Client::connect(&store.unix(), "producer"))
-        .await
-        .unwrap();
-    let consumer = within(Client::connect(&store.tcp(), "consumer"))
-        .await
-        .unwrap();
-    producer.create_stream("s", RETAIN, false).await.unwrap();
-    let mut sub = consumer
-        .subscribe("s", "c", Cursor::Oldest, 4)
-        .await
-        .unwrap();
+    let (producer, consumer, mut sub) = bystanders(&store).await;
     let mut seq = 0;
     put_and_get(&producer, &consumer, &mut sub, &mut seq).await;
 
@@ -624,6 +614,25 @@ async fn garbage_on_a_control_connection_closes_that_connection_only() {
 }
 
 /// A full put by `producer`, delivered to `sub` and read back with a get by `consumer`.
+/// The clients that must not notice a bad one: an shm producer and a tcp consumer subscribed
+/// to stream "s" (which keeps a few frames).
+async fn bystanders(
+    store: &common::TestStore,
+) -> (Client, Client, staging_store::client::Subscription) {
+    let producer = within(Client::connect(&store.unix(), "producer"))
+        .await
+        .unwrap();
+    let consumer = within(Client::connect(&store.tcp(), "consumer"))
+        .await
+        .unwrap();
+    producer.create_stream("s", RETAIN, false).await.unwrap();
+    let sub = consumer
+        .subscribe("s", "c", Cursor::Oldest, 4)
+        .await
+        .unwrap();
+    (producer, consumer, sub)
+}
+
 async fn put_and_get(
     producer: &Client,
     consumer: &Client,
@@ -814,17 +823,7 @@ async fn a_request_with_id_0_is_answered_only_when_it_fails() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_data_connection_that_never_attaches_is_closed_after_10_s() {
     let store = start("bad-silent-data", || memory_store(16 << 20));
-    let producer = within(Client::connect(&store.unix(), "producer"))
-        .await
-        .unwrap();
-    let consumer = within(Client::connect(&store.tcp(), "consumer"))
-        .await
-        .unwrap();
-    producer.create_stream("s", RETAIN, false).await.unwrap();
-    let mut sub = consumer
-        .subscribe("s", "c", Cursor::Oldest, 4)
-        .await
-        .unwrap();
+    let (producer, consumer, mut sub) = bystanders(&store).await;
     // Connections to the data port that say nothing, and one that stops mid-header.
     let data = store.bound.data.unwrap();
     let started = Instant::now();

@@ -469,9 +469,9 @@ async fn retention_keeps_consumed_frames_gettable_and_no_more() {
     assert_eq!(code(e), ErrorCode::FrameGone);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn durable_consumer_resumes_exactly_once_in_order() {
-    let store = start("lc-replay", || memory_store(16 << 20));
+/// A producer that made stream "rep" with the durable consumer "enc" (detached at frame 0,
+/// so the frames wait for it), then put `frames` small frames.
+async fn durable_stream_with_frames(store: &common::TestStore, frames: u64) -> Client {
     let producer = within(Client::connect(&store.unix(), "producer"))
         .await
         .unwrap();
@@ -487,9 +487,16 @@ async fn durable_consumer_resumes_exactly_once_in_order() {
         .close()
         .await
         .unwrap();
-    for seq in 0..10 {
+    for seq in 0..frames {
         producer.put("rep", &framed(64, 32, seq)).await.unwrap();
     }
+    producer
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_consumer_resumes_exactly_once_in_order() {
+    let store = start("lc-replay", || memory_store(16 << 20));
+    let producer = durable_stream_with_frames(&store, 10).await;
     let addr = store.unix();
     let held = crash_holding(move || async move {
         let enc = within(Client::connect(&addr, "enc")).await.unwrap();
@@ -543,24 +550,7 @@ async fn durable_consumer_resumes_exactly_once_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_order_releases_are_not_redelivered() {
     let store = start("lc-ooo", || memory_store(16 << 20));
-    let producer = within(Client::connect(&store.unix(), "producer"))
-        .await
-        .unwrap();
-    producer
-        .create_stream("rep", StreamConfig::default(), false)
-        .await
-        .unwrap();
-    // "enc" exists (durable, detached at 0) before the frames: they wait for it.
-    producer
-        .subscribe("rep", "enc", Cursor::Oldest, 1)
-        .await
-        .unwrap()
-        .close()
-        .await
-        .unwrap();
-    for seq in 0..8 {
-        producer.put("rep", &framed(64, 32, seq)).await.unwrap();
-    }
+    let producer = durable_stream_with_frames(&store, 8).await;
     let addr = store.unix();
     let held = crash_holding(move || async move {
         let enc = within(Client::connect(&addr, "enc")).await.unwrap();
