@@ -517,6 +517,7 @@ fn serve(args: ServeArgs) -> Result<(), MainError> {
                 },
             },
             now,
+            std::time::SystemTime::now(),
             &mut outs,
         );
         store.handle(
@@ -530,6 +531,7 @@ fn serve(args: ServeArgs) -> Result<(), MainError> {
                 },
             },
             now,
+            std::time::SystemTime::now(),
             &mut outs,
         );
         store.disconnect(sid, now, &mut outs);

@@ -33,7 +33,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{mpsc, Notify};
@@ -138,7 +138,7 @@ impl Shared {
     /// deadline changed).
     fn route(&mut self, outs: Vec<Out>) {
         self.send_outs(outs);
-        if self.store.next_deadline().is_some() {
+        if self.store.next_deadline(Instant::now()).is_some() {
             self.timer.notify_one();
         }
     }
@@ -432,7 +432,7 @@ pub async fn serve(
         let shared = Rc::clone(&shared);
         tasks.spawn_local(async move {
             loop {
-                let deadline = shared.borrow().store.next_deadline();
+                let deadline = shared.borrow().store.next_deadline(Instant::now());
                 match deadline {
                     Some(d) => {
                         tokio::select! {
@@ -482,7 +482,7 @@ pub async fn serve(
     if let Some(path) = &bound.unix {
         let _ = std::fs::remove_file(path);
     }
-    let stat = shared.borrow_mut().store.close();
+    let stat = shared.borrow_mut().store.close(Instant::now());
     Ok(stat)
 }
 
@@ -526,7 +526,8 @@ async fn control_conn(shared: Rc<RefCell<Shared>>, sock: Sock, local: bool) {
             match request {
                 Ok(request) => {
                     sh.io.requests += 1;
-                    sh.store.handle(sid, request, now, &mut outs);
+                    sh.store
+                        .handle(sid, request, now, SystemTime::now(), &mut outs);
                 }
                 Err(e) => {
                     sh.io.protocol_errors += 1;
@@ -744,7 +745,8 @@ async fn data_reader(
                 if landed.is_some() {
                     sh.io.data_bytes_in += put.len;
                 }
-                sh.store.end_put(sid, put.object, landed, &mut outs);
+                sh.store
+                    .end_put(sid, put.object, landed, SystemTime::now(), &mut outs);
                 sh.route(outs);
                 if let Err(e) = result {
                     return e.to_string();
