@@ -32,7 +32,7 @@ use tokio::net::{UnixListener, UnixStream};
 pub enum SocketLockError {
     /// Another store holds the path's lock: it is running and serves the path.
     #[error(
-        "unix socket {} belongs to another running store{} (it holds {}); not taking it over",
+        "unix socket {} is in use by another running store{} (it holds {}); not taking it over",
         path.display(),
         pid_note(*pid),
         lock.display()
@@ -78,7 +78,7 @@ pub enum SocketLockError {
 }
 
 fn pid_note(pid: Option<u32>) -> String {
-    pid.map_or_else(String::new, |pid| format!(" (pid {pid})"))
+    pid.map_or_else(String::new, |pid| format!(", pid {pid}"))
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> SocketLockError + 'a {
@@ -173,7 +173,11 @@ fn lock(path: &Path, lock_path: &Path) -> Result<File, SocketLockError> {
         // happened between our open and our flock, the lock we hold guards a file no longer
         // at the path, and a third store could lock a new one. Only a lock on the file the
         // path names counts.
-        let held = file_id(&file.metadata().map_err(io_err("stat lock file", lock_path))?);
+        let held = file_id(
+            &file
+                .metadata()
+                .map_err(io_err("stat lock file", lock_path))?,
+        );
         if id_at(lock_path).map_err(io_err("stat lock file", lock_path))? != Some(held) {
             continue;
         }
@@ -215,16 +219,14 @@ async fn clear_stale(path: &Path) -> Result<(), SocketLockError> {
             path: path.to_owned(),
             pid: None,
         }),
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-            match fs::remove_file(path) {
-                Ok(()) => {
-                    tracing::info!(path = %path.display(), "replaced a stale socket (its store is gone)");
-                    Ok(())
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(io_err("remove stale socket", path)(e)),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => match fs::remove_file(path) {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), "replaced a stale socket (its store is gone)");
+                Ok(())
             }
-        }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err("remove stale socket", path)(e)),
+        },
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(io_err("connect to the existing socket", path)(e)),
     }
