@@ -114,7 +114,9 @@ pub struct SocketClaim {
     lock_path: PathBuf,
     /// Open (and locked) for as long as the claim lives.
     lock: File,
-    socket_id: FileId,
+    /// The socket bound at `path` (`None` until it is: a claim that fails before then only
+    /// removes its lock file).
+    socket_id: Option<FileId>,
 }
 
 impl SocketClaim {
@@ -126,21 +128,22 @@ impl SocketClaim {
         lock_path.push(".lock");
         let lock_path = PathBuf::from(lock_path);
         let lock = lock(path, &lock_path)?;
-        clear_stale(path).await?;
-        let listener = UnixListener::bind(path).map_err(io_err("bind", path))?;
-        let socket_id = id_at(path)
-            .map_err(io_err("stat bound socket", path))?
-            .ok_or_else(|| SocketLockError::Io {
-                op: "stat bound socket",
-                path: path.to_owned(),
-                source: io::ErrorKind::NotFound.into(),
-            })?;
-        let claim = SocketClaim {
+        // From here on, a failure drops `claim`, which removes the lock file again.
+        let mut claim = SocketClaim {
             path: path.to_owned(),
             lock_path,
             lock,
-            socket_id,
+            socket_id: None,
         };
+        clear_stale(path).await?;
+        let listener = UnixListener::bind(path).map_err(io_err("bind", path))?;
+        let socket_id = id_at(path).map_err(io_err("stat bound socket", path))?;
+        if socket_id.is_none() {
+            return Err(io_err("stat bound socket", path)(
+                io::ErrorKind::NotFound.into(),
+            ));
+        }
+        claim.socket_id = socket_id;
         Ok((claim, listener))
     }
 }
@@ -236,18 +239,19 @@ impl Drop for SocketClaim {
     fn drop(&mut self) {
         // The lock is still held here: no store that takes it can bind the path or lock a new
         // lock file meanwhile.
-        match id_at(&self.path) {
-            Ok(Some(id)) if id == self.socket_id => {
+        match (self.socket_id, id_at(&self.path)) {
+            (None, _) => {}
+            (Some(ours), Ok(Some(id))) if id == ours => {
                 if let Err(e) = fs::remove_file(&self.path) {
                     tracing::warn!(path = %self.path.display(), error = %e, "removing the socket");
                 }
             }
-            Ok(Some(_)) => tracing::warn!(
+            (Some(_), Ok(Some(_))) => tracing::warn!(
                 path = %self.path.display(),
                 "another process bound the socket path after this store; leaving its socket"
             ),
-            Ok(None) => {}
-            Err(e) => {
+            (Some(_), Ok(None)) => {}
+            (Some(_), Err(e)) => {
                 tracing::warn!(path = %self.path.display(), error = %e, "checking the socket")
             }
         }
@@ -322,6 +326,10 @@ mod tests {
             Err(SocketLockError::NotASocket { .. })
         ));
         assert_eq!(fs::read(&path).unwrap(), b"not a socket");
+        assert!(
+            !dir.join("s.sock.lock").exists(),
+            "a failed claim removes its lock file"
+        );
         let _ = fs::remove_dir_all(dir);
     }
 
