@@ -78,7 +78,6 @@
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 /// Bytes of a record header: body length and CRC.
@@ -756,18 +755,13 @@ impl fmt::Debug for Journal {
 }
 
 fn lock_dir(dir_file: &File, dir: &Path) -> Result<(), JournalError> {
-    // SAFETY: flock only reads the descriptor number of a file we own for the whole call.
-    let rc = unsafe { libc::flock(dir_file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc == 0 {
-        return Ok(());
-    }
-    let err = io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        return Err(JournalError::Locked {
+    match crate::flock::try_lock_exclusive(dir_file) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(JournalError::Locked {
             dir: dir.to_owned(),
-        });
+        }),
+        Err(e) => Err(io_err("flock", dir)(e)),
     }
-    Err(io_err("flock", dir)(err))
 }
 
 fn unix_nanos() -> u128 {

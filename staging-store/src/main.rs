@@ -201,7 +201,8 @@ struct ServeArgs {
     /// TOML file with any of these options (flags and environment variables override it).
     #[arg(long, env = "STAGING_STORE_CONFIG")]
     config: Option<PathBuf>,
-    /// Unix socket for clients on this host (they use shm).
+    /// Unix socket for clients on this host (they use shm). The store refuses to start if
+    /// another running store serves it (a stale socket is replaced).
     #[arg(long, env = "STAGING_STORE_UNIX")]
     unix: Option<PathBuf>,
     /// TCP address for remote clients' control connections (they use tcp).

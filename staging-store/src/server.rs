@@ -22,6 +22,7 @@ use crate::proto::{
     self, decode_request, encode_server_message, ErrorCode, MessageBuf, Reply, Response,
     ServerMessage, StoreError, StoreStat, Transport,
 };
+use crate::socket_lock::{SocketClaim, SocketLockError};
 use crate::store::{Out, SessionId, Store};
 use capnp_rdma::transport::verbs::rc::{RcConnection, RcRegion};
 use capnp_rdma::transport::verbs::{VerbsDevice, VerbsOptions};
@@ -35,7 +36,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 use tokio::io::AsyncReadExt;
-use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::sync::{mpsc, Notify};
 
 /// Where the server listens.
@@ -87,6 +88,9 @@ pub enum ServeError {
     /// registered.
     #[error("RDMA (--verbs): {0}")]
     Verbs(capnp_rdma::transport::TransportError),
+    /// The Unix socket path is another store's (or could not be claimed).
+    #[error(transparent)]
+    Socket(#[from] SocketLockError),
 }
 
 /// Server-side counters (transport level), exported as metrics.
@@ -276,11 +280,12 @@ pub async fn serve(
     let bind =
         |what: &'static str, addr: String| move |source| ServeError::Bind { what, addr, source };
     let mut bound = Bound::default();
+    // Held until the end: keeps other stores off the path (see `socket_lock`).
+    let mut unix_claim = None;
     let unix = match &listen.unix {
         Some(path) => {
-            let _ = std::fs::remove_file(path);
-            let l = UnixListener::bind(path)
-                .map_err(bind("unix socket", path.display().to_string()))?;
+            let (claim, l) = SocketClaim::bind(path).await?;
+            unix_claim = Some(claim);
             bound.unix = Some(path.clone());
             Some(l)
         }
@@ -479,9 +484,8 @@ pub async fn serve(
     }
     // Give writers a moment to flush the notices.
     tokio::task::yield_now().await;
-    if let Some(path) = &bound.unix {
-        let _ = std::fs::remove_file(path);
-    }
+    // Removes the socket if it is still the one this store bound, then frees the path.
+    drop(unix_claim);
     let stat = shared.borrow_mut().store.close(Instant::now());
     Ok(stat)
 }

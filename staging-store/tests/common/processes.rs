@@ -4,7 +4,7 @@
 //! Included with `#[path = "common/processes.rs"] mod processes;` by the tests that need it.
 #![allow(dead_code, unreachable_pub)]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -17,15 +17,39 @@ pub struct Proc {
     pub child: Child,
     lines: mpsc::Receiver<String>,
     what: String,
+    /// With [`Proc::start_capturing`]: the thread reading stderr, which returns all of it.
+    stderr: Option<std::thread::JoinHandle<String>>,
 }
 
 impl Proc {
-    fn start(mut command: Command, what: &str) -> Self {
+    fn start(command: Command, what: &str) -> Self {
+        Self::spawn(command, what, false)
+    }
+
+    /// [`Proc::start`], keeping what the process writes to stderr for [`Proc::stderr`] (and
+    /// still passing it on to this process's stderr).
+    fn start_capturing(command: Command, what: &str) -> Self {
+        Self::spawn(command, what, true)
+    }
+
+    fn spawn(mut command: Command, what: &str, capture: bool) -> Self {
         let mut child = command
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(if capture {
+                Stdio::piped()
+            } else {
+                Stdio::inherit()
+            })
             .spawn()
             .unwrap_or_else(|e| panic!("spawning {what}: {e}"));
+        let stderr = child.stderr.take().map(|mut pipe| {
+            std::thread::spawn(move || {
+                let mut text = String::new();
+                let _ = pipe.read_to_string(&mut text);
+                eprint!("{text}");
+                text
+            })
+        });
         let stdout = child.stdout.take().expect("piped");
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
@@ -40,7 +64,18 @@ impl Proc {
             child,
             lines,
             what: what.to_owned(),
+            stderr,
         }
+    }
+
+    /// Everything a process started with [`Proc::start_capturing`] wrote to stderr; waits
+    /// for it to close its stderr (to exit, as a rule).
+    pub fn stderr(&mut self) -> String {
+        let reader = self
+            .stderr
+            .take()
+            .expect("stderr captured, and asked for once");
+        reader.join().expect("the stderr reader")
     }
 
     pub fn pid(&self) -> i32 {
@@ -50,25 +85,30 @@ impl Proc {
     /// The text after `marker` on the next line that contains it (libtest may print
     /// "test child_entry ... " before it on the same line).
     pub fn expect(&mut self, marker: &str) -> String {
+        self.expect_or_exit(marker).unwrap_or_else(|| {
+            let status = self.child.wait().ok();
+            panic!(
+                "{} exited ({status:?}) before printing {marker:?}",
+                self.what
+            )
+        })
+    }
+
+    /// [`Proc::expect`], or `None` when the process closes its stdout (exits) first.
+    pub fn expect_or_exit(&mut self, marker: &str) -> Option<String> {
         let deadline = Instant::now() + PATIENCE;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
                 Ok(line) => {
                     if let Some(at) = line.find(marker) {
-                        return line[at + marker.len()..].trim().to_owned();
+                        return Some(line[at + marker.len()..].trim().to_owned());
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     panic!("{} did not print {marker:?} within {PATIENCE:?}", self.what)
                 }
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    let status = self.child.wait().ok();
-                    panic!(
-                        "{} exited ({status:?}) before printing {marker:?}",
-                        self.what
-                    )
-                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return None,
             }
         }
     }
@@ -133,19 +173,37 @@ pub struct Server {
     pub tcp: Option<String>,
 }
 
+/// `staging-store serve ARGS`, with no configuration from the environment of whoever runs
+/// the tests.
+fn serve_command(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_staging-store"));
+    command
+        .arg("serve")
+        .args(args)
+        .args(["--log", "warn"])
+        .env_remove("STAGING_STORE_CONFIG")
+        .env_remove("STAGING_STORE_PERSIST");
+    command
+}
+
 impl Server {
     /// Runs `staging-store serve ARGS` and waits for its "staging-store ready" line.
     pub fn start(args: &[&str]) -> Self {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_staging-store"));
-        command
-            .arg("serve")
-            .args(args)
-            .args(["--log", "warn"])
-            // No configuration from the environment of whoever runs the tests.
-            .env_remove("STAGING_STORE_CONFIG")
-            .env_remove("STAGING_STORE_PERSIST");
-        let mut proc = Proc::start(command, "staging-store serve");
+        let mut proc = Proc::start(serve_command(args), "staging-store serve");
         let ready = proc.expect("staging-store ready");
+        Self::from_ready(proc, &ready)
+    }
+
+    /// Starts `staging-store serve ARGS` without waiting for it (its stderr captured):
+    /// [`Launch::outcome`] tells whether it came to serve or exited.
+    pub fn launch(args: &[&str]) -> Launch {
+        Launch(Proc::start_capturing(
+            serve_command(args),
+            "staging-store serve",
+        ))
+    }
+
+    fn from_ready(proc: Proc, ready: &str) -> Self {
         let field = |key: &str| {
             ready
                 .split_whitespace()
@@ -166,6 +224,36 @@ impl Server {
 
     pub fn tcp(&self) -> &str {
         self.tcp.as_deref().expect("serving TCP")
+    }
+}
+
+/// A `staging-store serve` started by [`Server::launch`].
+pub struct Launch(Proc);
+
+/// How a launched `staging-store serve` turned out.
+pub enum Outcome {
+    /// It printed its ready line.
+    Serving(Server),
+    /// It exited first.
+    Exited {
+        status: ExitStatus,
+        /// What it wrote to stderr.
+        stderr: String,
+    },
+}
+
+impl Launch {
+    /// Waits (with a deadline) for the ready line or the exit.
+    pub fn outcome(self) -> Outcome {
+        let mut proc = self.0;
+        match proc.expect_or_exit("staging-store ready") {
+            Some(ready) => Outcome::Serving(Server::from_ready(proc, &ready)),
+            None => {
+                let status = proc.wait();
+                let stderr = proc.stderr();
+                Outcome::Exited { status, stderr }
+            }
+        }
     }
 }
 
