@@ -5,16 +5,52 @@
 //! outstanding deliveries. Counters: creates, seals, gets, deliveries, releases, references
 //! reclaimed from dead clients, aborted writes, errors, backpressure waits and refusals per
 //! stream, recovered and corrupt frames, and the server's connection and data-byte counters.
+//!
+//! This module knows nothing of the server: it renders a [`MetricsSnapshot`], and its listener
+//! takes a fresh one from the closure it is given for each scrape (the server builds them from
+//! its store and its [`IoCounters`]).
 
 use crate::proto::{StoreStat, StreamStat};
-use crate::server::{IoCounters, Shared};
 use crate::store::BlockCounts;
 use capnp_rdma::RegionStats;
-use std::cell::RefCell;
 use std::fmt::Write as _;
-use std::rc::Rc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
+
+/// Server-side counters (transport level), exported as metrics.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct IoCounters {
+    /// Control connections accepted.
+    pub connections: u64,
+    /// Control connections closed for protocol errors.
+    pub protocol_errors: u64,
+    /// Control messages received.
+    pub requests: u64,
+    /// Bytes received on data connections into grants.
+    pub data_bytes_in: u64,
+    /// Bytes sent on data connections from frames.
+    pub data_bytes_out: u64,
+    /// Data writes refused (outside the grant, unknown object).
+    pub data_rejected: u64,
+    /// RC queue pairs of verbs clients connected to the region.
+    pub verbs_connections: u64,
+}
+
+/// Everything [`render`] reads, taken at one instant.
+#[derive(Clone, Debug, Default)]
+pub struct MetricsSnapshot {
+    /// Store-wide state and counters, as [`Store::stat_now`](crate::store::Store::stat_now)
+    /// gives them (without waiting for the scrubber).
+    pub stat: StoreStat,
+    /// Where the region's blocks are ([`Store::blocks`](crate::store::Store::blocks)).
+    pub blocks: BlockCounts,
+    /// The region's counters (its scrubber's are rendered).
+    pub region: RegionStats,
+    /// Every stream's state with its consumers, sorted by name.
+    pub streams: Vec<StreamStat>,
+    /// The server's transport-level counters.
+    pub io: IoCounters,
+}
 
 fn escape(label: &str) -> String {
     label
@@ -24,13 +60,14 @@ fn escape(label: &str) -> String {
 }
 
 /// Renders the metrics in the Prometheus text format (version 0.0.4).
-pub fn render(
-    stat: &StoreStat,
-    blocks: &BlockCounts,
-    region: &RegionStats,
-    streams: &[StreamStat],
-    io: &IoCounters,
-) -> String {
+pub fn render(snapshot: &MetricsSnapshot) -> String {
+    let MetricsSnapshot {
+        stat,
+        blocks,
+        region,
+        streams,
+        io,
+    } = snapshot;
     let mut s = String::with_capacity(4096);
     let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
         let _ = writeln!(s, "# HELP staging_store_{name} {help}");
@@ -296,22 +333,14 @@ pub fn render(
     s
 }
 
-/// Serves `GET /metrics` (any path, in fact) over plain HTTP/1.0-style responses.
-pub(crate) async fn serve(listener: TcpListener, shared: Rc<RefCell<Shared>>) {
+/// Serves `GET /metrics` (any path, in fact) over plain HTTP/1.0-style responses, rendering
+/// the snapshot `snapshot` returns when each connection is accepted.
+pub(crate) async fn serve(listener: TcpListener, snapshot: impl Fn() -> MetricsSnapshot) {
     loop {
         let Ok((mut stream, _)) = listener.accept().await else {
             continue;
         };
-        let body = {
-            let sh = shared.borrow();
-            render(
-                &sh.store.stat_now(),
-                &sh.store.blocks(),
-                &sh.store.region().stats(),
-                &sh.store.stream_stats(),
-                &sh.io,
-            )
-        };
+        let body = render(&snapshot());
         tokio::task::spawn_local(async move {
             // Read the request head (bounded); the answer does not depend on it.
             let mut head = [0u8; 4096];

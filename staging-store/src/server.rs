@@ -17,7 +17,7 @@
 //! references and grants are dropped as for any disconnect, and every other client carries on.
 
 use crate::data::{self, Attach, Put};
-use crate::metrics;
+use crate::metrics::{self, MetricsSnapshot};
 use crate::proto::{
     self, decode_request, encode_server_message, ErrorCode, MessageBuf, Reply, Response,
     ServerMessage, StoreError, StoreStat, Transport,
@@ -93,24 +93,7 @@ pub enum ServeError {
     Socket(#[from] SocketLockError),
 }
 
-/// Server-side counters (transport level), exported as metrics.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct IoCounters {
-    /// Control connections accepted.
-    pub connections: u64,
-    /// Control connections closed for protocol errors.
-    pub protocol_errors: u64,
-    /// Control messages received.
-    pub requests: u64,
-    /// Bytes received on data connections into grants.
-    pub data_bytes_in: u64,
-    /// Bytes sent on data connections from frames.
-    pub data_bytes_out: u64,
-    /// Data writes refused (outside the grant, unknown object).
-    pub data_rejected: u64,
-    /// RC queue pairs of verbs clients connected to the region.
-    pub verbs_connections: u64,
-}
+pub use crate::metrics::IoCounters;
 
 enum WriteItem {
     Bytes(Vec<u8>),
@@ -128,15 +111,26 @@ struct Conn {
     local: bool,
 }
 
-pub(crate) struct Shared {
-    pub(crate) store: Store,
+struct Shared {
+    store: Store,
     conns: HashMap<SessionId, Conn>,
     pending: HashMap<SessionId, Vec<u8>>,
-    pub(crate) io: IoCounters,
+    io: IoCounters,
     timer: Rc<Notify>,
 }
 
 impl Shared {
+    /// What the metrics endpoint renders, as things are now.
+    fn metrics_snapshot(&self) -> MetricsSnapshot {
+        MetricsSnapshot {
+            stat: self.store.stat_now(),
+            blocks: self.store.blocks(),
+            region: self.store.region().stats(),
+            streams: self.store.stream_stats(),
+            io: self.io,
+        }
+    }
+
     /// Encodes what the store produced and hands it to the connections' writers, then wakes
     /// the timer task if creates wait (one may have just been parked, or the earliest
     /// deadline changed).
@@ -431,7 +425,9 @@ pub async fn serve(
     }
     if let Some(l) = metrics_listener {
         let shared = Rc::clone(&shared);
-        tasks.spawn_local(metrics::serve(l, shared));
+        tasks.spawn_local(metrics::serve(l, move || {
+            shared.borrow().metrics_snapshot()
+        }));
     }
     {
         let shared = Rc::clone(&shared);
