@@ -75,10 +75,10 @@
 //! ```
 
 use super::cq::{HybridCq, Wc, WC_SUCCESS};
-use super::{
-    answer, connect_qp_to, create_qp_with, device_err, dial, peer_gone, swap, to_error_state,
-    PollStats, Qp, RegisteredRegion, VerbsDevice, VerbsOptions, ENDPOINT_MAGIC, READY,
-};
+use super::device::device_err;
+use super::handshake::{answer, dial, peer_gone, swap, ENDPOINT_MAGIC, READY};
+use super::qp::{connect_qp_to, create_qp_with, to_error_state, Qp};
+use super::{PollStats, RegisteredRegion, VerbsDevice, VerbsOptions};
 use crate::region::Region;
 use crate::transport::{RemoteRegion, TransportError};
 use rdma_mummy_sys::ibv_sge;
