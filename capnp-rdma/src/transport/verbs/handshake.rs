@@ -84,6 +84,7 @@ pub(crate) fn fuzz_decode_endpoint(data: &[u8]) {
     }
 }
 
+/// Sends our endpoint and decodes the peer's.
 pub(super) async fn exchange(
     stream: &mut TcpStream,
     mine: &Endpoint,
