@@ -3,14 +3,13 @@
 
 mod common;
 
-use common::{framed, memory_store, stamp, start};
-use staging_store::client::{Client, ClientError};
+use common::{connect, failed, framed, memory_store, producer_of, stamp, start, subscribe, within};
+use staging_store::client::Client;
 use staging_store::proto::{
     self, decode_server_message, encode_request, Body, Cursor, ErrorCode, FullPolicy, Grant,
     MessageBuf, Reply, Request, Response, ServerMessage, StoreError, StreamConfig, Transport,
 };
 use staging_store::store::{Store, StoreOptions};
-use std::future::Future;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
@@ -24,21 +23,6 @@ const RETAIN: StreamConfig = StreamConfig {
     checksums: false,
     max_frame_bytes: 0,
 };
-
-async fn within<F: Future>(f: F) -> F::Output {
-    tokio::time::timeout(Duration::from_secs(5), f)
-        .await
-        .expect("the store did not answer within 5 s")
-}
-
-/// The error code of a call that must fail with a store error.
-fn failed<T>(r: Result<T, ClientError>) -> ErrorCode {
-    match r {
-        Ok(_) => panic!("expected an error"),
-        Err(ClientError::Store(StoreError { code, .. })) => code,
-        Err(other) => panic!("expected a store error, got {other:?}"),
-    }
-}
 
 trait ReadWrite: Read + Write + Send {}
 impl<T: Read + Write + Send> ReadWrite for T {}
@@ -129,10 +113,8 @@ fn hello(transport: Transport) -> Body {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_objects_references_streams_and_names() {
     let store = start("bad-unknown", || memory_store(16 << 20));
-    let c = within(Client::connect(&store.unix(), "c")).await.unwrap();
-    let other = within(Client::connect(&store.unix(), "other"))
-        .await
-        .unwrap();
+    let c = connect(&store.unix(), "c").await;
+    let other = connect(&store.unix(), "other").await;
     c.create_stream("s", RETAIN, false).await.unwrap();
     let frame = framed(64, 32, 0);
     let len = frame.len() as u64;
@@ -255,7 +237,7 @@ async fn unknown_objects_references_streams_and_names() {
 async fn oversize_creates_are_too_large_and_a_full_region_is_region_full() {
     // Big enough that zeroing half of it takes the region's scrubber a while.
     let store = start("bad-size", || memory_store(128 << 20));
-    let c = within(Client::connect(&store.tcp(), "c")).await.unwrap();
+    let c = connect(&store.tcp(), "c").await;
     let region = c.welcome().region_bytes;
     c.create_stream(
         "s",
@@ -315,8 +297,8 @@ async fn oversize_creates_are_too_large_and_a_full_region_is_region_full() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seals_outside_the_grant_or_of_anything_but_one_framed_message() {
     let store = start("bad-seal", || memory_store(16 << 20));
-    let c = within(Client::connect(&store.unix(), "shm")).await.unwrap();
-    let t = within(Client::connect(&store.tcp(), "tcp")).await.unwrap();
+    let c = connect(&store.unix(), "shm").await;
+    let t = connect(&store.tcp(), "tcp").await;
     c.create_stream("s", RETAIN, false).await.unwrap();
     let mut sub = t.subscribe("s", "watch", Cursor::Oldest, 8).await.unwrap();
     let frame = framed(64, 32, 0);
@@ -418,7 +400,7 @@ async fn a_verifying_store_refuses_a_wrong_checksum() {
             None,
         )
     });
-    let c = within(Client::connect(&store.unix(), "c")).await.unwrap();
+    let c = connect(&store.unix(), "c").await;
     c.create_stream("s", RETAIN, false).await.unwrap();
     let frame = framed(64, 32, 0);
     let g = c.create("s", frame.len() as u64).await.unwrap();
@@ -503,15 +485,10 @@ async fn requests_before_hello_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tcp_put_outside_its_grant_is_a_notice_and_the_data_connection_survives() {
     let store = start("bad-put", || memory_store(16 << 20));
-    let c = within(Client::connect(&store.tcp(), "tcp")).await.unwrap();
-    let watcher = within(Client::connect(&store.unix(), "watch"))
-        .await
-        .unwrap();
+    let c = connect(&store.tcp(), "tcp").await;
+    let watcher = connect(&store.unix(), "watch").await;
     c.create_stream("s", RETAIN, false).await.unwrap();
-    let mut sub = watcher
-        .subscribe("s", "w", Cursor::Oldest, 8)
-        .await
-        .unwrap();
+    let mut sub = subscribe(&watcher, "s", "w", Cursor::Oldest, 8).await;
     let frame = framed(64, 32, 0);
     let g = c.create("s", frame.len() as u64).await.unwrap();
     // Past the end, wrapping around, someone else's (nobody's) object.
@@ -619,17 +596,9 @@ async fn garbage_on_a_control_connection_closes_that_connection_only() {
 async fn bystanders(
     store: &common::TestStore,
 ) -> (Client, Client, staging_store::client::Subscription) {
-    let producer = within(Client::connect(&store.unix(), "producer"))
-        .await
-        .unwrap();
-    let consumer = within(Client::connect(&store.tcp(), "consumer"))
-        .await
-        .unwrap();
-    producer.create_stream("s", RETAIN, false).await.unwrap();
-    let sub = consumer
-        .subscribe("s", "c", Cursor::Oldest, 4)
-        .await
-        .unwrap();
+    let producer = producer_of(store, "s", RETAIN).await;
+    let consumer = connect(&store.tcp(), "consumer").await;
+    let sub = subscribe(&consumer, "s", "c", Cursor::Oldest, 4).await;
     (producer, consumer, sub)
 }
 
@@ -666,7 +635,7 @@ fn scrape_protocol_errors(addr: std::net::SocketAddr) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_huge_declared_length_is_refused_before_anything_is_buffered() {
     let store = start("bad-huge", || memory_store(16 << 20));
-    let c = within(Client::connect(&store.unix(), "c")).await.unwrap();
+    let c = connect(&store.unix(), "c").await;
     let words = |ws: &[u32]| -> Vec<u8> { ws.iter().flat_map(|w| w.to_le_bytes()).collect() };
     let headers = [
         // One segment of 2^31 - 1 words (16 GiB).
@@ -718,7 +687,7 @@ async fn a_huge_declared_length_is_refused_before_anything_is_buffered() {
 async fn garbage_on_a_data_connection_ends_only_that_data_connection() {
     use staging_store::data::{Attach, Put};
     let store = start("bad-data", || memory_store(16 << 20));
-    let c = within(Client::connect(&store.tcp(), "c")).await.unwrap();
+    let c = connect(&store.tcp(), "c").await;
     c.create_stream("s", RETAIN, false).await.unwrap();
     let data = store.bound.data.unwrap();
     let closed = |mut s: std::net::TcpStream| {

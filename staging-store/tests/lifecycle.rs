@@ -5,51 +5,14 @@
 
 mod common;
 
-use common::{framed, memory_store, stamp, start};
+use common::{
+    bounded, code, connect, create_stream, failed, framed, memory_store, next, objects_and_blocks,
+    producer_of, retaining, stamp, start, subscribe, wait_until, within,
+};
 use staging_store::client::{Client, ClientError, FrameRef, Subscription};
-use staging_store::proto::{Cursor, ErrorCode, FullPolicy, StoreError, StreamConfig, Transport};
+use staging_store::proto::{Cursor, ErrorCode, FullPolicy, StreamConfig, Transport};
 use std::future::Future;
 use std::time::{Duration, Instant};
-
-/// Every await on the store gets a deadline: a lost wake-up fails the test instead of hanging.
-async fn within<F: Future>(f: F) -> F::Output {
-    tokio::time::timeout(Duration::from_secs(5), f)
-        .await
-        .expect("the store did not answer within 5 s")
-}
-
-/// The error code of a call that must fail.
-fn failed<T>(r: Result<T, ClientError>) -> ErrorCode {
-    match r {
-        Ok(_) => panic!("expected an error"),
-        Err(e) => code(e),
-    }
-}
-
-fn code(e: ClientError) -> ErrorCode {
-    match e {
-        ClientError::Store(StoreError { code, .. }) => code,
-        other => panic!("expected a store error, got {other:?}"),
-    }
-}
-
-async fn next(sub: &mut Subscription) -> FrameRef {
-    within(sub.next()).await.expect("a frame")
-}
-
-/// Polls `stat`-like state until `cond` holds, for events the store does not announce (a
-/// client's disconnect being processed). Fails after 5 s.
-async fn wait_until<F, Fut>(what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !cond().await {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-}
 
 /// Runs a client "process" on a runtime of its own (on another thread), then drops that
 /// runtime while the frames `f` returns are still held: the connection ends as if the process
@@ -80,36 +43,32 @@ fn blocks(len: usize, block: u64) -> u64 {
     (len as u64).div_ceil(block)
 }
 
+/// Waits until the durable consumer `consumer` of stream "rep" is detached (its client's
+/// disconnect processed).
+async fn wait_detached(producer: &Client, consumer: &str) {
+    wait_until(&format!("{consumer} detaches"), || async {
+        let st = producer.stream_stat("rep").await.unwrap();
+        st.consumers
+            .iter()
+            .any(|c| c.name == consumer && !c.attached)
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_consumers_read_every_frame_and_blocks_return_on_the_last_release() {
     let store = start("lc-refs", || memory_store(64 << 20));
-    let producer = within(Client::connect(&store.unix(), "producer"))
-        .await
-        .unwrap();
     // Nothing consumed is retained: a frame lives exactly as long as someone holds it.
-    producer
-        .create_stream(
-            "cam",
-            StreamConfig {
-                retain_frames: 0,
-                ..Default::default()
-            },
-            false,
-        )
-        .await
-        .unwrap();
-    let shm = within(Client::connect(&store.unix(), "shm")).await.unwrap();
-    let tcp = within(Client::connect(&store.tcp(), "tcp")).await.unwrap();
-    let getter = within(Client::connect(&store.tcp(), "getter"))
-        .await
-        .unwrap();
+    let producer = producer_of(&store, "cam", retaining(0)).await;
+    let shm = connect(&store.unix(), "shm").await;
+    let tcp = connect(&store.tcp(), "tcp").await;
+    let getter = connect(&store.tcp(), "getter").await;
     assert_eq!(shm.transport(), Transport::Shm);
     assert_eq!(tcp.transport(), Transport::Tcp);
     let block = producer.welcome().block_bytes;
-    let mut a = shm.subscribe("cam", "a", Cursor::Oldest, 4).await.unwrap();
-    let mut b = tcp.subscribe("cam", "b", Cursor::Oldest, 4).await.unwrap();
-    let s = producer.stat().await.unwrap();
-    assert_eq!((s.objects, s.blocks_in_use), (0, 0));
+    let mut a = subscribe(&shm, "cam", "a", Cursor::Oldest, 4).await;
+    let mut b = subscribe(&tcp, "cam", "b", Cursor::Oldest, 4).await;
+    assert_eq!(objects_and_blocks(&producer).await, (0, 0));
 
     for seq in 0..16u64 {
         // Small frames (one block) and 256x256 I420 frames (two blocks).
@@ -127,9 +86,8 @@ async fn two_consumers_read_every_frame_and_blocks_return_on_the_last_release() 
         assert_eq!(fb.bytes(), &bytes[..]);
         assert_eq!(stamp(fa.bytes()), seq);
         assert!(fa.verify() && fb.verify());
-        let s = producer.stat().await.unwrap();
         assert_eq!(
-            (s.objects, s.blocks_in_use),
+            objects_and_blocks(&producer).await,
             (1, n),
             "frame {seq} held twice"
         );
@@ -145,25 +103,23 @@ async fn two_consumers_read_every_frame_and_blocks_return_on_the_last_release() 
         // Release in alternating order; the blocks stay until the very last reference goes.
         let (first, second) = if seq % 2 == 0 { (fa, fb) } else { (fb, fa) };
         first.release().await.unwrap();
-        let s = producer.stat().await.unwrap();
         assert_eq!(
-            (s.objects, s.blocks_in_use),
+            objects_and_blocks(&producer).await,
             (1, n),
             "frame {seq} still held"
         );
         second.release().await.unwrap();
-        let s = producer.stat().await.unwrap();
+        let held = objects_and_blocks(&producer).await;
         if let Some(g) = got {
-            assert_eq!(
-                (s.objects, s.blocks_in_use),
-                (1, n),
-                "frame {seq} held by a get"
-            );
+            assert_eq!(held, (1, n), "frame {seq} held by a get");
             g.release().await.unwrap();
-            let s = producer.stat().await.unwrap();
-            assert_eq!((s.objects, s.blocks_in_use), (0, 0), "frame {seq} freed");
+            assert_eq!(
+                objects_and_blocks(&producer).await,
+                (0, 0),
+                "frame {seq} freed"
+            );
         } else {
-            assert_eq!((s.objects, s.blocks_in_use), (0, 0), "frame {seq} freed");
+            assert_eq!(held, (0, 0), "frame {seq} freed");
         }
     }
     // A frame larger than what the store keeps for reuse (a quarter of the region): its blocks
@@ -174,12 +130,14 @@ async fn two_consumers_read_every_frame_and_blocks_return_on_the_last_release() 
     assert_eq!(within(producer.put("cam", &big)).await.unwrap(), 16);
     let (fa, fb) = (next(&mut a).await, next(&mut b).await);
     assert_eq!((fa.bytes(), fb.bytes()), (&big[..], &big[..]));
-    let s = producer.stat().await.unwrap();
-    assert_eq!((s.objects, s.blocks_in_use), (1, n));
+    assert_eq!(objects_and_blocks(&producer).await, (1, n));
     fa.release().await.unwrap();
     fb.release().await.unwrap();
-    let s = producer.stat().await.unwrap();
-    assert_eq!((s.objects, s.blocks_in_use), (0, 0), "the big frame freed");
+    assert_eq!(
+        objects_and_blocks(&producer).await,
+        (0, 0),
+        "the big frame freed"
+    );
 
     let s = producer.stat().await.unwrap();
     assert_eq!(s.seals, 17);
@@ -196,22 +154,9 @@ async fn two_consumers_read_every_frame_and_blocks_return_on_the_last_release() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reject_policy_fails_at_once_with_stream_full() {
     let store = start("lc-reject", || memory_store(16 << 20));
-    let producer = within(Client::connect(&store.unix(), "producer"))
-        .await
-        .unwrap();
-    let consumer = within(Client::connect(&store.tcp(), "consumer"))
-        .await
-        .unwrap();
-    let config = StreamConfig {
-        max_frames: 2,
-        on_full: FullPolicy::Reject,
-        ..Default::default()
-    };
-    producer.create_stream("r", config, false).await.unwrap();
-    let mut sub = consumer
-        .subscribe("r", "slow", Cursor::Oldest, 8)
-        .await
-        .unwrap();
+    let producer = producer_of(&store, "r", bounded(2, FullPolicy::Reject)).await;
+    let consumer = connect(&store.tcp(), "consumer").await;
+    let mut sub = subscribe(&consumer, "r", "slow", Cursor::Oldest, 8).await;
     for seq in 0..2 {
         assert_eq!(producer.put("r", &framed(64, 32, seq)).await.unwrap(), seq);
     }
@@ -245,32 +190,19 @@ async fn reject_policy_fails_at_once_with_stream_full() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn block_policy_times_out_and_grants_as_soon_as_a_consumer_releases() {
     let store = start("lc-block", || memory_store(16 << 20));
-    let producer = within(Client::connect(&store.unix(), "producer"))
-        .await
-        .unwrap();
-    let consumer = within(Client::connect(&store.unix(), "consumer"))
-        .await
-        .unwrap();
     let short = StreamConfig {
-        max_frames: 2,
-        on_full: FullPolicy::Block,
         block_timeout_ms: 300,
-        ..Default::default()
+        ..bounded(2, FullPolicy::Block)
     };
     let long = StreamConfig {
         block_timeout_ms: 8000,
         ..short
     };
-    producer.create_stream("short", short, false).await.unwrap();
-    producer.create_stream("long", long, false).await.unwrap();
-    let mut s_short = consumer
-        .subscribe("short", "c", Cursor::Oldest, 8)
-        .await
-        .unwrap();
-    let mut s_long = consumer
-        .subscribe("long", "c", Cursor::Oldest, 8)
-        .await
-        .unwrap();
+    let producer = producer_of(&store, "short", short).await;
+    create_stream(&producer, "long", long).await;
+    let consumer = connect(&store.unix(), "consumer").await;
+    let mut s_short = subscribe(&consumer, "short", "c", Cursor::Oldest, 8).await;
+    let mut s_long = subscribe(&consumer, "long", "c", Cursor::Oldest, 8).await;
     for seq in 0..2 {
         producer.put("short", &framed(64, 32, seq)).await.unwrap();
         producer.put("long", &framed(64, 32, seq)).await.unwrap();
@@ -337,31 +269,17 @@ async fn block_policy_times_out_and_grants_as_soon_as_a_consumer_releases() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drop_oldest_consumers_skip_dropped_frames() {
     let store = start("lc-drop", || memory_store(16 << 20));
-    let producer = within(Client::connect(&store.unix(), "producer"))
-        .await
-        .unwrap();
-    let late = within(Client::connect(&store.tcp(), "late")).await.unwrap();
-    let live = within(Client::connect(&store.unix(), "live"))
-        .await
-        .unwrap();
-    let config = StreamConfig {
-        max_frames: 4,
-        on_full: FullPolicy::DropOldest,
-        ..Default::default()
-    };
-    producer.create_stream("d", config, false).await.unwrap();
+    let producer = producer_of(&store, "d", bounded(4, FullPolicy::DropOldest)).await;
+    let late = connect(&store.tcp(), "late").await;
+    let live = connect(&store.unix(), "live").await;
     // A durable consumer that is away (its cursor holds the stream), and one that takes a
     // frame and sits on it.
-    late.subscribe("d", "late", Cursor::Oldest, 4)
+    subscribe(&late, "d", "late", Cursor::Oldest, 4)
         .await
-        .unwrap()
         .close()
         .await
         .unwrap();
-    let mut live_sub = live
-        .subscribe("d", "live", Cursor::Oldest, 1)
-        .await
-        .unwrap();
+    let mut live_sub = subscribe(&live, "d", "live", Cursor::Oldest, 1).await;
     for seq in 0..10 {
         // Never waits, never fails.
         let started = Instant::now();
@@ -381,10 +299,7 @@ async fn drop_oldest_consumers_skip_dropped_frames() {
     held.release().await.unwrap();
     assert_eq!(producer.stat().await.unwrap().objects, 4);
     // Both consumers go on after the gap.
-    let mut late_sub = late
-        .subscribe("d", "late", Cursor::Resume, 4)
-        .await
-        .unwrap();
+    let mut late_sub = subscribe(&late, "d", "late", Cursor::Resume, 4).await;
     assert_eq!(late_sub.from_seq(), 6);
     for seq in 6..10 {
         let f = next(&mut late_sub).await;
@@ -404,27 +319,9 @@ async fn drop_oldest_consumers_skip_dropped_frames() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_keeps_consumed_frames_gettable_and_no_more() {
     let store = start("lc-retain", || memory_store(16 << 20));
-    let producer = within(Client::connect(&store.unix(), "producer"))
-        .await
-        .unwrap();
-    let consumer = within(Client::connect(&store.tcp(), "consumer"))
-        .await
-        .unwrap();
-    producer
-        .create_stream(
-            "ret",
-            StreamConfig {
-                retain_frames: 3,
-                ..Default::default()
-            },
-            false,
-        )
-        .await
-        .unwrap();
-    let mut sub = consumer
-        .subscribe("ret", "c", Cursor::Oldest, 2)
-        .await
-        .unwrap();
+    let producer = producer_of(&store, "ret", retaining(3)).await;
+    let consumer = connect(&store.tcp(), "consumer").await;
+    let mut sub = subscribe(&consumer, "ret", "c", Cursor::Oldest, 2).await;
     for seq in 0..8 {
         producer.put("ret", &framed(64, 32, seq)).await.unwrap();
         let f = next(&mut sub).await;
@@ -436,8 +333,7 @@ async fn retention_keeps_consumed_frames_gettable_and_no_more() {
         (st.first_seq, st.next_seq, st.frames, st.unconsumed_frames),
         (5, 8, 3, 0)
     );
-    let s = producer.stat().await.unwrap();
-    assert_eq!((s.objects, s.blocks_in_use), (3, 3));
+    assert_eq!(objects_and_blocks(&producer).await, (3, 3));
     for seq in 5..8 {
         let g = within(consumer.get("ret", Some(seq))).await.unwrap();
         assert_eq!((g.seq(), stamp(g.bytes())), (seq, seq));
@@ -451,10 +347,7 @@ async fn retention_keeps_consumed_frames_gettable_and_no_more() {
         assert_eq!(code(e), ErrorCode::FrameGone, "frame {seq}");
     }
     // Replay: a new consumer from the oldest retained frame.
-    let mut replay = producer
-        .subscribe("ret", "", Cursor::Oldest, 8)
-        .await
-        .unwrap();
+    let mut replay = subscribe(&producer, "ret", "", Cursor::Oldest, 8).await;
     assert_eq!(replay.from_seq(), 5);
     for seq in 5..8 {
         assert_eq!(next(&mut replay).await.seq(), seq);
@@ -472,18 +365,10 @@ async fn retention_keeps_consumed_frames_gettable_and_no_more() {
 /// A producer that made stream "rep" with the durable consumer "enc" (detached at frame 0,
 /// so the frames wait for it), then put `frames` small frames.
 async fn durable_stream_with_frames(store: &common::TestStore, frames: u64) -> Client {
-    let producer = within(Client::connect(&store.unix(), "producer"))
-        .await
-        .unwrap();
-    producer
-        .create_stream("rep", StreamConfig::default(), false)
-        .await
-        .unwrap();
+    let producer = producer_of(store, "rep", StreamConfig::default()).await;
     // "enc" exists (durable, detached at 0) before the frames: they wait for it.
-    producer
-        .subscribe("rep", "enc", Cursor::Oldest, 1)
+    subscribe(&producer, "rep", "enc", Cursor::Oldest, 1)
         .await
-        .unwrap()
         .close()
         .await
         .unwrap();
@@ -493,17 +378,21 @@ async fn durable_stream_with_frames(store: &common::TestStore, frames: u64) -> C
     producer
 }
 
+/// A client named `name` at `addr` that attached the durable consumer "enc" of stream "rep"
+/// again, where it was, with a window of `window` frames.
+async fn resume_enc(addr: &str, name: &str, window: u32) -> (Client, Subscription) {
+    let enc = connect(addr, name).await;
+    let sub = subscribe(&enc, "rep", "enc", Cursor::Resume, window).await;
+    (enc, sub)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn durable_consumer_resumes_exactly_once_in_order() {
     let store = start("lc-replay", || memory_store(16 << 20));
     let producer = durable_stream_with_frames(&store, 10).await;
     let addr = store.unix();
     let held = crash_holding(move || async move {
-        let enc = within(Client::connect(&addr, "enc")).await.unwrap();
-        let mut sub = enc
-            .subscribe("rep", "enc", Cursor::Resume, 2)
-            .await
-            .unwrap();
+        let (_enc, mut sub) = resume_enc(&addr, "enc", 2).await;
         assert_eq!(sub.from_seq(), 0);
         for seq in 0..5 {
             let f = next(&mut sub).await;
@@ -515,24 +404,14 @@ async fn durable_consumer_resumes_exactly_once_in_order() {
         vec![next(&mut sub).await, next(&mut sub).await]
     });
     assert_eq!(held, [5, 6]);
-    wait_until("enc detaches", || async {
-        let st = producer.stream_stat("rep").await.unwrap();
-        st.consumers.iter().any(|c| c.name == "enc" && !c.attached)
-    })
-    .await;
+    wait_detached(&producer, "enc").await;
     let st = producer.stream_stat("rep").await.unwrap();
     let c = st.consumers.iter().find(|c| c.name == "enc").unwrap();
     assert_eq!((c.durable, c.committed, c.outstanding), (true, 5, 0));
     assert_eq!(st.unconsumed_frames, 5, "5..10 wait for enc");
     assert_eq!(producer.stat().await.unwrap().reclaimed_references, 2);
 
-    let enc = within(Client::connect(&store.tcp(), "enc-again"))
-        .await
-        .unwrap();
-    let mut sub = enc
-        .subscribe("rep", "enc", Cursor::Resume, 3)
-        .await
-        .unwrap();
+    let (_enc, mut sub) = resume_enc(&store.tcp(), "enc-again", 3).await;
     assert_eq!(sub.from_seq(), 5);
     let mut seen = Vec::new();
     for _ in 5..10 {
@@ -553,11 +432,7 @@ async fn out_of_order_releases_are_not_redelivered() {
     let producer = durable_stream_with_frames(&store, 8).await;
     let addr = store.unix();
     let held = crash_holding(move || async move {
-        let enc = within(Client::connect(&addr, "enc")).await.unwrap();
-        let mut sub = enc
-            .subscribe("rep", "enc", Cursor::Resume, 4)
-            .await
-            .unwrap();
+        let (_enc, mut sub) = resume_enc(&addr, "enc", 4).await;
         let mut frames = Vec::new();
         for _ in 0..4 {
             frames.push(next(&mut sub).await);
@@ -584,16 +459,8 @@ async fn out_of_order_releases_are_not_redelivered() {
         held
     });
     assert_eq!(held, [2, 4, 5, 6]);
-    wait_until("enc detaches", || async {
-        let st = producer.stream_stat("rep").await.unwrap();
-        st.consumers.iter().any(|c| c.name == "enc" && !c.attached)
-    })
-    .await;
-    let enc = within(Client::connect(&store.unix(), "enc")).await.unwrap();
-    let mut sub = enc
-        .subscribe("rep", "enc", Cursor::Resume, 4)
-        .await
-        .unwrap();
+    wait_detached(&producer, "enc").await;
+    let (_enc, mut sub) = resume_enc(&store.unix(), "enc", 4).await;
     assert_eq!(sub.from_seq(), 2);
     let mut seen = Vec::new();
     for _ in 0..5 {
@@ -617,12 +484,10 @@ async fn out_of_order_releases_are_not_redelivered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_attached_durable_consumer_is_busy_for_everyone_else() {
     let store = start("lc-busy", || memory_store(16 << 20));
-    let one = within(Client::connect(&store.unix(), "one")).await.unwrap();
-    let two = within(Client::connect(&store.tcp(), "two")).await.unwrap();
-    one.create_stream("s", StreamConfig::default(), false)
-        .await
-        .unwrap();
-    let sub = one.subscribe("s", "enc", Cursor::Oldest, 4).await.unwrap();
+    let one = connect(&store.unix(), "one").await;
+    let two = connect(&store.tcp(), "two").await;
+    create_stream(&one, "s", StreamConfig::default()).await;
+    let sub = subscribe(&one, "s", "enc", Cursor::Oldest, 4).await;
     for from in [
         Cursor::Resume,
         Cursor::Oldest,
@@ -636,18 +501,13 @@ async fn an_attached_durable_consumer_is_busy_for_everyone_else() {
     let r = within(one.subscribe("s", "enc", Cursor::Resume, 4)).await;
     assert_eq!(failed(r), ErrorCode::ConsumerBusy);
     // Other names are free; anonymous consumers never collide.
-    let _other = two
-        .subscribe("s", "other", Cursor::Oldest, 4)
-        .await
-        .unwrap();
-    let _anon1 = two.subscribe("s", "", Cursor::Oldest, 4).await.unwrap();
-    let _anon2 = one.subscribe("s", "", Cursor::Oldest, 4).await.unwrap();
+    let _other = subscribe(&two, "s", "other", Cursor::Oldest, 4).await;
+    let _anon1 = subscribe(&two, "s", "", Cursor::Oldest, 4).await;
+    let _anon2 = subscribe(&one, "s", "", Cursor::Oldest, 4).await;
     one.put("s", &framed(64, 32, 0)).await.unwrap();
     // Once detached, another session takes it over where it was.
     sub.close().await.unwrap();
-    let mut sub = within(two.subscribe("s", "enc", Cursor::Resume, 4))
-        .await
-        .unwrap();
+    let mut sub = subscribe(&two, "s", "enc", Cursor::Resume, 4).await;
     assert_eq!(sub.from_seq(), 0);
     assert_eq!(next(&mut sub).await.seq(), 0);
 }
@@ -655,18 +515,13 @@ async fn an_attached_durable_consumer_is_busy_for_everyone_else() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_stream_ends_subscriptions_and_held_frames_stay_readable() {
     let store = start("lc-delete", || memory_store(16 << 20));
-    let admin = within(Client::connect(&store.unix(), "admin"))
-        .await
-        .unwrap();
-    let shm = within(Client::connect(&store.unix(), "shm")).await.unwrap();
-    let tcp = within(Client::connect(&store.tcp(), "tcp")).await.unwrap();
-    admin
-        .create_stream("del", StreamConfig::default(), false)
-        .await
-        .unwrap();
+    let admin = connect(&store.unix(), "admin").await;
+    let shm = connect(&store.unix(), "shm").await;
+    let tcp = connect(&store.tcp(), "tcp").await;
+    create_stream(&admin, "del", StreamConfig::default()).await;
     // Windows of 2: each consumer holds frames 0 and 1, and nothing is in flight.
-    let mut a = shm.subscribe("del", "a", Cursor::Oldest, 2).await.unwrap();
-    let mut b = tcp.subscribe("del", "b", Cursor::Oldest, 2).await.unwrap();
+    let mut a = subscribe(&shm, "del", "a", Cursor::Oldest, 2).await;
+    let mut b = subscribe(&tcp, "del", "b", Cursor::Oldest, 2).await;
     for seq in 0..3 {
         admin.put("del", &framed(64, 32, seq)).await.unwrap();
     }
@@ -688,9 +543,8 @@ async fn deleting_a_stream_ends_subscriptions_and_held_frames_stay_readable() {
         assert_eq!(failed(within(sub.next()).await), ErrorCode::UnknownStream);
     }
     // Every frame a client holds is still there, bytes intact, until released.
-    let s = admin.stat().await.unwrap();
     assert_eq!(
-        (s.objects, s.blocks_in_use),
+        objects_and_blocks(&admin).await,
         (3, 3),
         "held frames must outlive their stream"
     );
@@ -705,10 +559,7 @@ async fn deleting_a_stream_ends_subscriptions_and_held_frames_stay_readable() {
     let s = admin.stat().await.unwrap();
     assert_eq!((s.objects, s.blocks_in_use, s.streams), (0, 0, 0));
     // The name can be used again, from scratch: the old grant belongs to no stream of it.
-    admin
-        .create_stream("del", StreamConfig::default(), false)
-        .await
-        .unwrap();
+    create_stream(&admin, "del", StreamConfig::default()).await;
     let frame = framed(64, 32, 0);
     // SAFETY: the only slice of this grant, dropped at once.
     unsafe { admin.grant_bytes(&grant) }.unwrap()[..frame.len()].copy_from_slice(&frame);
@@ -758,29 +609,13 @@ fn metric(body: &str, name_and_labels: &str) -> u64 {
 async fn metrics_endpoint_reports_the_store() {
     let store = start("lc-metrics", || memory_store(16 << 20));
     let addr = store.bound.metrics.expect("metrics bound");
-    let producer = within(Client::connect(&store.unix(), "producer"))
-        .await
-        .unwrap();
-    let consumer = within(Client::connect(&store.tcp(), "consumer"))
-        .await
-        .unwrap();
-    producer
-        .create_stream(
-            "m",
-            StreamConfig {
-                retain_frames: 1,
-                max_frames: 3,
-                on_full: FullPolicy::Reject,
-                ..Default::default()
-            },
-            false,
-        )
-        .await
-        .unwrap();
-    let mut sub = consumer
-        .subscribe("m", "enc", Cursor::Oldest, 8)
-        .await
-        .unwrap();
+    let config = StreamConfig {
+        retain_frames: 1,
+        ..bounded(3, FullPolicy::Reject)
+    };
+    let producer = producer_of(&store, "m", config).await;
+    let consumer = connect(&store.tcp(), "consumer").await;
+    let mut sub = subscribe(&consumer, "m", "enc", Cursor::Oldest, 8).await;
     for seq in 0..3 {
         producer.put("m", &framed(64, 32, seq)).await.unwrap();
     }
@@ -874,27 +709,9 @@ async fn metrics_endpoint_reports_the_store() {
 async fn a_dropped_subscription_detaches_and_frames_taken_stay_valid() {
     for addr_of in [common::TestStore::unix, common::TestStore::tcp] {
         let store = start("lc-drop-sub", || memory_store(16 << 20));
-        let producer = within(Client::connect(&store.unix(), "producer"))
-            .await
-            .unwrap();
-        let consumer = within(Client::connect(&addr_of(&store), "consumer"))
-            .await
-            .unwrap();
-        producer
-            .create_stream(
-                "s",
-                StreamConfig {
-                    max_frames: 3,
-                    on_full: FullPolicy::Reject,
-                    ..Default::default()
-                },
-                false,
-            )
-            .await
-            .unwrap();
-        let mut sub = within(consumer.subscribe("s", "enc", Cursor::Oldest, 3))
-            .await
-            .unwrap();
+        let producer = producer_of(&store, "s", bounded(3, FullPolicy::Reject)).await;
+        let consumer = connect(&addr_of(&store), "consumer").await;
+        let mut sub = subscribe(&consumer, "s", "enc", Cursor::Oldest, 3).await;
         let frames: Vec<Vec<u8>> = (0..3).map(|seq| framed(64, 32, seq)).collect();
         for (seq, bytes) in frames.iter().enumerate() {
             assert_eq!(producer.put("s", bytes).await.unwrap(), seq as u64);
@@ -920,17 +737,14 @@ async fn a_dropped_subscription_detaches_and_frames_taken_stay_valid() {
         assert_eq!(taken.bytes(), &frames[0][..]);
         taken.release().await.unwrap();
         // Resuming delivers every frame it had not acknowledged, in order.
-        let mut sub = within(consumer.subscribe("s", "enc", Cursor::Resume, 3))
-            .await
-            .unwrap();
+        let mut sub = subscribe(&consumer, "s", "enc", Cursor::Resume, 3).await;
         for (seq, bytes) in frames.iter().enumerate() {
             let f = next(&mut sub).await;
             assert_eq!((f.seq(), f.bytes()), (seq as u64, &bytes[..]));
             f.release().await.unwrap();
         }
         sub.close().await.unwrap();
-        let s = producer.stat().await.unwrap();
-        assert_eq!((s.objects, s.blocks_in_use), (0, 0));
+        assert_eq!(objects_and_blocks(&producer).await, (0, 0));
         assert_eq!(producer.put("s", &framed(64, 32, 3)).await.unwrap(), 3);
     }
 }
@@ -940,13 +754,9 @@ async fn a_dropped_subscription_detaches_and_frames_taken_stay_valid() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frame_taken_before_close_outlives_its_anonymous_consumer() {
     let store = start("lc-close-held", || memory_store(16 << 20));
-    let c = within(Client::connect(&store.unix(), "shm")).await.unwrap();
-    c.create_stream("s", StreamConfig::default(), false)
-        .await
-        .unwrap();
-    let mut sub = within(c.subscribe("s", "", Cursor::Oldest, 4))
-        .await
-        .unwrap();
+    let c = connect(&store.unix(), "shm").await;
+    create_stream(&c, "s", StreamConfig::default()).await;
+    let mut sub = subscribe(&c, "s", "", Cursor::Oldest, 4).await;
     let frame0 = framed(64, 32, 0);
     c.put("s", &frame0).await.unwrap();
     let taken = next(&mut sub).await;
@@ -958,8 +768,7 @@ async fn a_frame_taken_before_close_outlives_its_anonymous_consumer() {
     assert_eq!(taken.bytes(), &frame0[..]);
     assert_eq!(c.stat().await.unwrap().objects, 1, "only the frame taken");
     taken.release().await.unwrap();
-    let s = c.stat().await.unwrap();
-    assert_eq!((s.objects, s.blocks_in_use), (0, 0));
+    assert_eq!(objects_and_blocks(&c).await, (0, 0));
 }
 
 /// A tcp consumer's frames travel on its data connection, the end of its subscription on the
@@ -968,19 +777,9 @@ async fn a_frame_taken_before_close_outlives_its_anonymous_consumer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_stream_ends_a_tcp_subscription_after_its_last_frame() {
     let store = start("lc-end-tcp", || memory_store(64 << 20));
-    let producer = within(Client::connect(&store.unix(), "producer"))
-        .await
-        .unwrap();
-    let consumer = within(Client::connect(&store.tcp(), "consumer"))
-        .await
-        .unwrap();
-    producer
-        .create_stream("big", StreamConfig::default(), false)
-        .await
-        .unwrap();
-    let mut sub = within(consumer.subscribe("big", "", Cursor::Oldest, 4))
-        .await
-        .unwrap();
+    let producer = producer_of(&store, "big", StreamConfig::default()).await;
+    let consumer = connect(&store.tcp(), "consumer").await;
+    let mut sub = subscribe(&consumer, "big", "", Cursor::Oldest, 4).await;
     // 4 frames of 1.5 MB: more than the sockets buffer, still on their way when the
     // stream goes.
     let frames: Vec<Vec<u8>> = (0..4).map(|seq| framed(1024, 1024, seq)).collect();

@@ -1,5 +1,12 @@
-//! Shared test helpers: a store served on its own thread, and framed frames.
+//! Shared test helpers: a store served on its own thread, its clients (every call with a
+//! deadline), and framed frames.
 #![allow(dead_code, unreachable_pub)]
+
+mod clients;
+
+// Not every test file calls a store through the client library.
+#[allow(unused_imports)]
+pub use clients::*;
 
 use capnp_rdma::frame::{FrameSpec, FrameWriter, PixelFormat};
 use staging_store::server::{self, Bound, Listen};

@@ -21,6 +21,7 @@ use capnp_rdma_benches::CountingAlloc;
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+mod common;
 mod roundtrip;
 mod store;
 mod transport;

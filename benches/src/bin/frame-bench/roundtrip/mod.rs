@@ -30,6 +30,7 @@ mod prost_frame;
 mod report;
 mod staging;
 
+use crate::common::report::finish;
 use capnp_rdma_benches::{host_nproc, json_line, measure, Run, Sampler, Stats, Workload};
 use pixels::Source;
 use report::Record;
@@ -289,15 +290,7 @@ pub(crate) fn run(args: &Args) -> Result<(), BenchError> {
     }
 
     let summary = report::Summary::new(&records, nproc);
-    if args.json {
-        emit(&json_line(&summary))?;
-    } else {
-        emit(&report::table(&records))?;
-        emit(&summary.targets_text())?;
-        if args.quick {
-            emit("(--quick: a smoke run of a few frames each; its figures are not measurements)")?;
-        }
-    }
+    finish(args.json, args.quick, &summary, || report::table(&records))?;
     Ok(())
 }
 
@@ -325,11 +318,7 @@ fn measure_here(
 
 /// Writes `text` and a newline to stdout, flushed; a closed pipe is an error, not a panic.
 fn emit(text: &str) -> Result<(), BenchError> {
-    use std::io::Write as _;
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{text}")?;
-    out.flush()?;
-    Ok(())
+    Ok(crate::common::report::emit(text)?)
 }
 
 fn record(

@@ -1,5 +1,6 @@
 //! Records, the human table and the summary of the targets.
 
+use crate::common::report::{opt, target_line, Targets};
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 
@@ -47,10 +48,6 @@ pub(crate) struct Record {
     pub(crate) region_fallbacks: Option<u64>,
     /// Wall time of the measurement, between-batch work included.
     pub(crate) wall_ms: f64,
-}
-
-fn opt(v: Option<f64>, digits: usize) -> String {
-    v.map_or_else(|| "-".to_string(), |v| format!("{v:.digits$}"))
 }
 
 /// The human table.
@@ -167,39 +164,38 @@ impl Summary {
             target_zero_minflt: minflt.map(|f| f == 0.0),
         }
     }
+}
 
-    /// Whether each target is met, for people.
-    pub(crate) fn targets_text(&self) -> String {
-        fn line(out: &mut String, what: &str, met: Option<bool>, value: String) {
-            let verdict = match met {
-                Some(true) => "MET",
-                Some(false) => "NOT MET",
-                None => "not measured",
-            };
-            let _ = writeln!(out, "  {what:<62} {verdict:<12} {value}");
-        }
+impl Targets for Summary {
+    fn targets_text(&self) -> String {
+        /// Width of the targets' column.
+        const WHAT: usize = 62;
         let mut out = String::new();
         let _ = writeln!(out, "\ntargets (host nproc {}):", self.host_nproc);
-        line(
+        target_line(
             &mut out,
+            WHAT,
             "staging >= 1000x faster than prost (1080p, pixels-ready)",
             self.target_prost_1000x,
             format!("{}x", opt(self.prost_over_staging_1080p, 1)),
         );
-        line(
+        target_line(
             &mut out,
+            WHAT,
             "staging >= 100x faster than capnp-heap (1080p, pixels-ready)",
             self.target_capnp_heap_100x,
             format!("{}x", opt(self.capnp_heap_over_staging_1080p, 1)),
         );
-        line(
+        target_line(
             &mut out,
+            WHAT,
             "staging 4k within 1.5x of 720p (pixels-ready)",
             self.target_4k_within_1_5x_of_720p,
             format!("{}x", opt(self.staging_4k_over_720p, 2)),
         );
-        line(
+        target_line(
             &mut out,
+            WHAT,
             "0 minor faults per staging frame (worst record)",
             self.target_zero_minflt,
             format!("{} minflt/frame", opt(self.staging_minflt_per_frame, 3)),

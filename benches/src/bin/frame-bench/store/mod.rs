@@ -37,6 +37,7 @@ mod staging;
 
 pub(crate) use staging::{serve, ServerArgs};
 
+use crate::common::{self, flow::PlanFlags, report::finish};
 use crate::roundtrip::FrameSize;
 use capnp_rdma::framing::FramingError;
 use capnp_rdma::RegionError;
@@ -46,7 +47,6 @@ pub(crate) use flow::{Measured, Plan};
 use frames::FrameTemplate;
 use report::{ControlRecord, Record, Summary};
 use std::sync::Arc;
-use std::time::Duration;
 
 /// Flags of `frame-bench store`.
 #[derive(Debug, clap::Args)]
@@ -216,20 +216,16 @@ pub(crate) struct Case {
 }
 
 fn plan(args: &Args) -> Plan {
-    let in_flight = u64::from(args.in_flight);
-    let (warmup, min_frames, min_time_ms) = if args.quick {
-        (in_flight + 1, in_flight + 2, 0)
-    } else {
-        (2 * (in_flight + 1), 4 * (in_flight + 1), 2000)
-    };
-    let min_frames = args.min_frames.unwrap_or(min_frames).max(1);
-    Plan {
-        warmup: args.warmup_frames.unwrap_or(warmup),
-        min_frames,
-        min_time: Duration::from_millis(args.min_time_ms.unwrap_or(min_time_ms)),
-        max_frames: args.max_frames.max(min_frames),
-        check_all: args.quick,
-    }
+    Plan::new(
+        args.in_flight,
+        PlanFlags {
+            quick: args.quick,
+            min_frames: args.min_frames,
+            min_time_ms: args.min_time_ms,
+            warmup_frames: args.warmup_frames,
+            max_frames: args.max_frames,
+        },
+    )
 }
 
 /// Runs the subcommand.
@@ -323,25 +319,15 @@ pub(crate) fn run(args: &Args) -> Result<(), StoreBenchError> {
         }
     }
     let summary = Summary::new(&records, nproc, in_flight, args.quick, &not_built);
-    if args.json {
-        emit(&json_line(&summary))?;
-    } else {
-        emit(&report::table(&records, control.as_ref()))?;
-        emit(&summary.targets_text())?;
-        if args.quick {
-            emit("(--quick: a smoke run of a few frames each; its figures are not measurements)")?;
-        }
-    }
-    Ok(())
+    finish(args.json, args.quick, &summary, || {
+        report::table(&records, control.as_ref())
+    })
+    .map_err(StoreBenchError::io("stdout"))
 }
 
 /// Writes `text` and a newline to stdout, flushed; a closed pipe is an error, not a panic.
 fn emit(text: &str) -> Result<(), StoreBenchError> {
-    use std::io::Write as _;
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{text}")
-        .and_then(|()| out.flush())
-        .map_err(StoreBenchError::io("stdout"))
+    common::report::emit(text).map_err(StoreBenchError::io("stdout"))
 }
 
 #[cfg(test)]

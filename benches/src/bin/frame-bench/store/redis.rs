@@ -445,7 +445,9 @@ async fn replies(
                 template
                     .check(&landing[..len], seq, flow.full_check(seq))
                     .map_err(|what| StoreBenchError::mismatch(seq, what))?;
-                receipts.checked(seq)?;
+                receipts
+                    .checked(seq)
+                    .map_err(|what| StoreBenchError::mismatch(seq, what))?;
                 flow.release();
                 deletes
                     .send(Request::Del(seq))
@@ -559,30 +561,45 @@ mod tests {
         assert!(!dir.exists(), "the server's directory is removed");
     }
 
+    /// Whether redis-server is installed; a note when it is not (the test is skipped).
+    fn redis_installed() -> bool {
+        let found = find_redis().is_ok();
+        if !found {
+            eprintln!("note: redis-server is not installed (ci/deps installs it); skipped");
+        }
+        found
+    }
+
+    /// A 720p case of `template` with 2 frames in flight: `warmup` frames, then exactly
+    /// `frames` measured ones.
+    fn case_720p(template: &Arc<FrameTemplate>, warmup: u64, frames: u64, check_all: bool) -> Case {
+        Case {
+            size: FrameSize::P720,
+            template: Arc::clone(template),
+            plan: Plan {
+                warmup,
+                min_frames: frames,
+                min_time: Duration::ZERO,
+                max_frames: frames,
+                check_all,
+            },
+            in_flight: 2,
+        }
+    }
+
     #[test]
     fn redis_streams_checked_frames_in_both_layouts() {
-        if find_redis().is_err() {
-            eprintln!("note: redis-server is not installed (ci/deps installs it); skipped");
+        if !redis_installed() {
             return;
         }
         let template = Arc::new(FrameTemplate::build(FrameSize::P720).unwrap());
         for layout in [Layout::OneThread, Layout::TwoThreads] {
-            let case = Case {
-                size: FrameSize::P720,
-                template: Arc::clone(&template),
-                plan: Plan {
-                    warmup: 3,
-                    min_frames: 6,
-                    min_time: Duration::ZERO,
-                    max_frames: 6,
-                    check_all: true,
-                },
-                in_flight: 2,
-            };
+            let case = case_720p(&template, 3, 6, true);
             let measured = run_with(&case, layout).unwrap_or_else(|e| panic!("{layout:?}: {e}"));
-            assert_eq!((measured.frames, measured.warmup), (6, 3), "{layout:?}");
-            assert!(measured.latency.median_ns > 0.0);
-            assert!(measured.server_cpu.is_some());
+            let timed = measured.timed;
+            assert_eq!((timed.frames, timed.warmup), (6, 3), "{layout:?}");
+            assert!(timed.latency.median_ns > 0.0);
+            assert!(timed.server_cpu.is_some());
         }
     }
 
@@ -590,25 +607,13 @@ mod tests {
     /// first frame, on either layout, and both sides stop.
     #[test]
     fn a_wrong_frame_fails_the_run() {
-        if find_redis().is_err() {
-            eprintln!("note: redis-server is not installed (ci/deps installs it); skipped");
+        if !redis_installed() {
             return;
         }
         let sent = Arc::new(FrameTemplate::build(FrameSize::P720).unwrap());
         let expected = Arc::new(FrameTemplate::build(FrameSize::P1080).unwrap());
         for layout in [Layout::OneThread, Layout::TwoThreads] {
-            let case = Case {
-                size: FrameSize::P720,
-                template: Arc::clone(&sent),
-                plan: Plan {
-                    warmup: 2,
-                    min_frames: 4,
-                    min_time: Duration::ZERO,
-                    max_frames: 4,
-                    check_all: false,
-                },
-                in_flight: 2,
-            };
+            let case = case_720p(&sent, 2, 4, false);
             let err = run_sides(&case, Arc::clone(&expected), layout).unwrap_err();
             assert!(
                 matches!(err, StoreBenchError::Mismatch { seq: 0, .. }),

@@ -2,6 +2,7 @@
 
 use super::flow::Measured;
 use super::{Case, SystemKind};
+use crate::common::report::{cores, opt, per, per_s, target_line, values, LatencyUs, Targets};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -12,22 +13,6 @@ const TARGET_FRAME: &str = "1080p";
 const TARGET_SHM_X_REDIS: f64 = 20.0;
 /// store-tcp frames/s over Redis's, at least.
 const TARGET_TCP_X_REDIS: f64 = 1.5;
-
-fn per_s(count: u64, secs: f64) -> f64 {
-    if secs > 0.0 {
-        count as f64 / secs
-    } else {
-        0.0
-    }
-}
-
-fn per(total: f64, count: u64) -> f64 {
-    if count > 0 {
-        total / count as f64
-    } else {
-        0.0
-    }
-}
 
 /// One measured (system, frame). Rates are over the measured period (warm-up excluded);
 /// latencies are per frame, from the start of the producer's store to the end of the
@@ -48,10 +33,8 @@ pub(super) struct Record {
     pub(super) frames_per_s: f64,
     /// Pixel bytes per second, in 10^9.
     gb_per_s: f64,
-    p50_us: f64,
-    p99_us: f64,
-    mean_us: f64,
-    max_us: f64,
+    #[serde(flatten)]
+    latency: LatencyUs,
     /// This process's CPU time (user + system: producer and consumer) per measured frame.
     cpu_s_per_frame: f64,
     /// The server process's CPU time per measured frame (`null` without a server process).
@@ -73,29 +56,27 @@ pub(super) struct Record {
 
 impl Record {
     pub(super) fn new(system: SystemKind, case: &Case, m: &Measured) -> Self {
-        let secs = m.elapsed.as_secs_f64();
-        let frames_per_s = per_s(m.frames, secs);
-        let cpu = m.cpu.as_secs_f64();
-        let server_cpu = m.server_cpu.map(|d| d.as_secs_f64());
+        let t = &m.timed;
+        let secs = t.elapsed.as_secs_f64();
+        let frames_per_s = per_s(t.frames, secs);
+        let cpu = t.cpu.as_secs_f64();
+        let server_cpu = t.server_cpu.map(|d| d.as_secs_f64());
         Self {
             system: system.label(),
             frame: case.size.label(),
-            frames: m.frames,
-            warmup_frames: m.warmup,
+            frames: t.frames,
+            warmup_frames: t.warmup,
             in_flight: case.in_flight,
             frame_bytes: case.template.frame_bytes(),
             wire_bytes: case.template.wire_len(),
             frames_per_s,
             gb_per_s: frames_per_s * case.template.frame_bytes() as f64 / 1e9,
-            p50_us: m.latency.median_ns / 1e3,
-            p99_us: m.latency.p99_ns / 1e3,
-            mean_us: m.latency.mean_ns / 1e3,
-            max_us: m.latency.max_ns / 1e3,
-            cpu_s_per_frame: per(cpu, m.frames),
-            server_cpu_s_per_frame: server_cpu.map(|s| per(s, m.frames)),
-            total_cpu_s_per_frame: server_cpu.map(|s| per(cpu + s, m.frames)),
-            cpu_cores: if secs > 0.0 { cpu / secs } else { 0.0 },
-            server_cpu_cores: server_cpu.map(|s| if secs > 0.0 { s / secs } else { 0.0 }),
+            latency: LatencyUs::of(&t.latency),
+            cpu_s_per_frame: per(cpu, t.frames),
+            server_cpu_s_per_frame: server_cpu.map(|s| per(s, t.frames)),
+            total_cpu_s_per_frame: server_cpu.map(|s| per(cpu + s, t.frames)),
+            cpu_cores: cores(cpu, secs),
+            server_cpu_cores: server_cpu.map(|s| cores(s, secs)),
             elapsed_s: secs,
             whole_writes: m.whole_writes,
             x_redis: None,
@@ -113,10 +94,8 @@ pub(super) struct ControlRecord {
     warmup_ops: u64,
     in_flight: usize,
     ops_per_s: f64,
-    p50_us: f64,
-    p99_us: f64,
-    mean_us: f64,
-    max_us: f64,
+    #[serde(flatten)]
+    latency: LatencyUs,
     /// This process's CPU time per operation.
     cpu_s_per_op: f64,
     /// The server process's CPU time per operation.
@@ -126,26 +105,20 @@ pub(super) struct ControlRecord {
 
 impl ControlRecord {
     pub(super) fn new(in_flight: usize, m: &Measured) -> Self {
-        let secs = m.elapsed.as_secs_f64();
+        let t = &m.timed;
+        let secs = t.elapsed.as_secs_f64();
         Self {
             system: SystemKind::Control.label(),
-            ops: m.frames,
-            warmup_ops: m.warmup,
+            ops: t.frames,
+            warmup_ops: t.warmup,
             in_flight,
-            ops_per_s: per_s(m.frames, secs),
-            p50_us: m.latency.median_ns / 1e3,
-            p99_us: m.latency.p99_ns / 1e3,
-            mean_us: m.latency.mean_ns / 1e3,
-            max_us: m.latency.max_ns / 1e3,
-            cpu_s_per_op: per(m.cpu.as_secs_f64(), m.frames),
-            server_cpu_s_per_op: m.server_cpu.map(|d| per(d.as_secs_f64(), m.frames)),
+            ops_per_s: per_s(t.frames, secs),
+            latency: LatencyUs::of(&t.latency),
+            cpu_s_per_op: per(t.cpu.as_secs_f64(), t.frames),
+            server_cpu_s_per_op: t.server_cpu.map(|d| per(d.as_secs_f64(), t.frames)),
             elapsed_s: secs,
         }
     }
-}
-
-fn opt(v: Option<f64>, digits: usize) -> String {
-    v.map_or_else(|| "-".to_string(), |v| format!("{v:.digits$}"))
 }
 
 /// The human table.
@@ -178,8 +151,8 @@ pub(super) fn table(records: &[Record], control: Option<&ControlRecord>) -> Stri
             r.in_flight,
             r.frames_per_s,
             r.gb_per_s,
-            r.p50_us,
-            r.p99_us,
+            r.latency.p50_us,
+            r.latency.p99_us,
             r.cpu_s_per_frame * 1e6,
             opt(r.server_cpu_s_per_frame.map(|s| s * 1e6), 1),
             opt(r.total_cpu_s_per_frame.map(|s| s * 1e6), 1),
@@ -200,8 +173,8 @@ pub(super) fn table(records: &[Record], control: Option<&ControlRecord>) -> Stri
              srv {} us/op",
             c.ops,
             c.ops_per_s,
-            c.p50_us,
-            c.p99_us,
+            c.latency.p50_us,
+            c.latency.p99_us,
             c.cpu_s_per_op * 1e6,
             opt(c.server_cpu_s_per_op.map(|s| s * 1e6), 2),
         );
@@ -269,28 +242,12 @@ impl Summary {
             store_tcp_over_redis,
         }
     }
+}
 
-    /// Whether each target is met, for people.
-    pub(super) fn targets_text(&self) -> String {
-        fn line(out: &mut String, what: &str, met: Option<bool>, value: String) {
-            let verdict = match met {
-                Some(true) => "MET",
-                Some(false) => "NOT MET",
-                None => "not measured",
-            };
-            let _ = writeln!(out, "  {what:<44} {verdict:<12} {value}");
-        }
-        fn values(map: &BTreeMap<String, f64>) -> String {
-            let parts: Vec<String> = map
-                .iter()
-                .map(|(frame, v)| format!("{frame} {v:.2}x"))
-                .collect();
-            if parts.is_empty() {
-                "-".to_string()
-            } else {
-                parts.join(", ")
-            }
-        }
+impl Targets for Summary {
+    fn targets_text(&self) -> String {
+        /// Width of the targets' column.
+        const WHAT: usize = 44;
         let mut out = String::new();
         let _ = writeln!(
             out,
@@ -298,17 +255,19 @@ impl Summary {
              at {TARGET_FRAME}):",
             self.host_nproc, self.in_flight
         );
-        line(
+        target_line(
             &mut out,
+            WHAT,
             "store-shm >= 20x redis frames/s at 1080p",
             self.target_store_shm_20x_redis_1080p,
-            values(&self.store_shm_over_redis),
+            values(&self.store_shm_over_redis, 2, "x"),
         );
-        line(
+        target_line(
             &mut out,
+            WHAT,
             "store-tcp >= 1.5x redis frames/s at 1080p",
             self.target_store_tcp_1_5x_redis_1080p,
-            values(&self.store_tcp_over_redis),
+            values(&self.store_tcp_over_redis, 2, "x"),
         );
         if !self.not_built.is_empty() {
             let _ = writeln!(
@@ -324,6 +283,7 @@ impl Summary {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::common::flow::Timed;
     use crate::roundtrip::FrameSize;
     use crate::store::flow::Plan;
     use crate::store::frames::FrameTemplate;
@@ -345,12 +305,14 @@ mod tests {
             in_flight: 4,
         };
         let m = Measured {
-            frames,
-            warmup: 1,
-            elapsed: Duration::from_secs(1),
-            cpu: Duration::from_millis(500),
-            server_cpu: Some(Duration::from_millis(250)),
-            latency: Stats::from_samples(&[1000, 2000, 3000]),
+            timed: Timed {
+                frames,
+                warmup: 1,
+                elapsed: Duration::from_secs(1),
+                cpu: Duration::from_millis(500),
+                server_cpu: Some(Duration::from_millis(250)),
+                latency: Stats::from_samples(&[1000, 2000, 3000]),
+            },
             whole_writes: None,
         };
         let mut r = Record::new(system, &case, &m);
@@ -368,7 +330,7 @@ mod tests {
         ];
         assert_eq!(records[0].cpu_s_per_frame, 0.005);
         assert_eq!(records[0].server_cpu_s_per_frame, Some(0.0025));
-        assert_eq!(records[0].p50_us, 2.0);
+        assert_eq!(records[0].latency.p50_us, 2.0);
         let s = Summary::new(&records, 2, 4, false, &["control"]);
         assert_eq!(s.target_store_shm_20x_redis_1080p, Some(true));
         assert_eq!(s.target_store_tcp_1_5x_redis_1080p, Some(false));

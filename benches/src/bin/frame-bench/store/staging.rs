@@ -442,7 +442,9 @@ async fn consume(
         template
             .check(frame.bytes(), seq, flow.full_check(seq))
             .map_err(|what| StoreBenchError::mismatch(seq, what))?;
-        receipts.checked(seq)?;
+        receipts
+            .checked(seq)
+            .map_err(|what| StoreBenchError::mismatch(seq, what))?;
         // Dropping the reference releases it (without waiting for the answer).
         drop(frame);
         flow.release();

@@ -42,13 +42,14 @@ mod tcp;
 #[cfg(feature = "verbs")]
 mod verbs;
 
+use crate::common::{self, flow::PlanFlags, report::finish};
 use crate::roundtrip::FrameSize;
 use capnp_rdma::framing::{FramingError, OutboundMessage};
 use capnp_rdma::transport::TransportError;
 use capnp_rdma::{Region, RegionError, RegionOptions};
 use capnp_rdma_benches::{host_nproc, json_line};
 use frames::FrameSet;
-use pump::{Measured, Plan, Receipts, Shared, STALL};
+use pump::{Flow, Measured, Plan, Receipts, STALL};
 use report::{Record, Skipped, Summary};
 use std::sync::Arc;
 use std::time::Duration;
@@ -211,25 +212,21 @@ struct Case {
     target_region: Region,
     /// Bytes between slot starts (a message, rounded up to a page).
     stride: u64,
-    shared: Arc<Shared>,
+    flow: Arc<Flow>,
     receipts: Receipts,
 }
 
 fn plan(args: &Args) -> Plan {
-    let payloads = u64::from(args.window) + 1;
-    let (warmup, min_frames, min_time_ms) = if args.quick {
-        (payloads, payloads + 1, 0)
-    } else {
-        (2 * payloads, 4 * payloads, 2000)
-    };
-    let min_frames = args.min_frames.unwrap_or(min_frames).max(1);
-    Plan {
-        warmup: args.warmup_frames.unwrap_or(warmup),
-        min_frames,
-        min_time: Duration::from_millis(args.min_time_ms.unwrap_or(min_time_ms)),
-        max_frames: args.max_frames.max(min_frames),
-        check_all: args.quick,
-    }
+    Plan::new(
+        args.window,
+        PlanFlags {
+            quick: args.quick,
+            min_frames: args.min_frames,
+            min_time_ms: args.min_time_ms,
+            warmup_frames: args.warmup_frames,
+            max_frames: args.max_frames,
+        },
+    )
 }
 
 /// The RDMA device, opened once per run: `Err` says why there is none.
@@ -248,7 +245,6 @@ fn open_device() -> Device {
     Err("built without the `verbs` feature".into())
 }
 
-/// Runs the subcommand.
 /// A TCP listener on a free loopback port, and its address (every system's set-up socket).
 async fn loopback_listener(
 ) -> Result<(tokio::net::TcpListener, std::net::SocketAddr), TransportBenchError> {
@@ -260,6 +256,7 @@ async fn loopback_listener(
     Ok((listener, addr))
 }
 
+/// Runs the subcommand.
 pub(crate) fn run(args: &Args) -> Result<(), TransportBenchError> {
     let plan = plan(args);
     let window = args.window as usize;
@@ -334,16 +331,7 @@ pub(crate) fn run(args: &Args) -> Result<(), TransportBenchError> {
     runtime.shutdown_timeout(Duration::from_secs(5));
 
     let summary = Summary::new(&records, &args.ib_write_bw, nproc, window, args.quick);
-    if args.json {
-        emit(&json_line(&summary))?;
-    } else {
-        emit(&report::table(&records))?;
-        emit(&summary.targets_text())?;
-        if args.quick {
-            emit("(--quick: a smoke run of a few frames each; its figures are not measurements)")?;
-        }
-    }
-    Ok(())
+    finish(args.json, args.quick, &summary, || report::table(&records)).map_err(stdout)
 }
 
 /// What a measurement produced, with the sizes the record reports.
@@ -369,7 +357,7 @@ async fn measure(
         capnp_rdma::frame::frame_bytes(capnp_rdma::frame::PixelFormat::I420, width, height)? as u64;
     if system == SystemKind::Shm {
         // Built in place, after connecting: the frames live in the target's grant.
-        let (measured, wire_bytes) = shm::run_in_place(size, Shared::new(plan, window)).await?;
+        let (measured, wire_bytes) = shm::run_in_place(size, Flow::new(plan, window, None)).await?;
         return Ok(Outcome {
             measured,
             frame_bytes: frame_bytes as usize,
@@ -389,12 +377,12 @@ async fn measure(
         expect,
     } = set;
     let expect = Arc::new(expect);
-    let shared = Shared::new(plan, window);
-    let receipts = Receipts::new(&shared, &expect);
+    let flow = Flow::new(plan, window, None);
+    let receipts = Receipts::new(&flow, &expect);
     let measured = match sources {
         Some(sources) => {
             drop(messages);
-            raw_tcp::run(sources, shared, receipts).await?
+            raw_tcp::run(sources, flow, receipts).await?
         }
         None => {
             let target_bytes = stride * window as u64 + (16 << 20);
@@ -403,7 +391,7 @@ async fn measure(
                 sender_region,
                 target_region: Region::create(&RegionOptions::memfd(target_bytes))?,
                 stride,
-                shared,
+                flow,
                 receipts,
             };
             run_case(system, device, case).await?
@@ -435,14 +423,14 @@ async fn run_case(
 
 /// Writes `text` and a newline to stdout, flushed; a closed pipe is an error, not a panic.
 fn emit(text: &str) -> Result<(), TransportBenchError> {
-    use std::io::Write as _;
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{text}")
-        .and_then(|()| out.flush())
-        .map_err(|source| TransportBenchError::Io {
-            what: "stdout",
-            source,
-        })
+    common::report::emit(text).map_err(stdout)
+}
+
+fn stdout(source: std::io::Error) -> TransportBenchError {
+    TransportBenchError::Io {
+        what: "stdout",
+        source,
+    }
 }
 
 #[cfg(test)]
@@ -479,12 +467,13 @@ mod tests {
             let outcome = rt
                 .block_on(measure(system, FrameSize::P720, 2, plan(), None))
                 .unwrap_or_else(|e| panic!("{system:?}: {e}"));
-            assert_eq!(outcome.measured.frames, 4, "{system:?}");
-            assert_eq!(outcome.measured.warmup, 3);
+            let timed = outcome.measured.timed;
+            assert_eq!(timed.frames, 4, "{system:?}");
+            assert_eq!(timed.warmup, 3);
             assert_eq!(outcome.frame_bytes, 1_382_400);
             assert!(outcome.wire_bytes > 1_382_400);
-            assert!(outcome.measured.latency.median_ns > 0.0);
-            assert!(!outcome.measured.elapsed.is_zero());
+            assert!(timed.latency.median_ns > 0.0);
+            assert!(!timed.elapsed.is_zero());
             // 3 warm-up + 4 measured writes: shm hands each over in place, shm-copy copies it.
             let copies = outcome.measured.shm_writer.map(|s| {
                 assert_eq!(s.writes, 7, "{system:?}");
@@ -511,15 +500,15 @@ mod tests {
             let elsewhere = Region::create(&RegionOptions::memfd(64 << 20)).unwrap();
             let expected = FrameSet::build(FrameSize::P720, window + 2, &elsewhere).unwrap();
             let stride = sent.expect.len().next_multiple_of(4096);
-            let shared = Shared::new(plan(), window);
-            let receipts = Receipts::new(&shared, &Arc::new(expected.expect));
+            let flow = Flow::new(plan(), window, None);
+            let receipts = Receipts::new(&flow, &Arc::new(expected.expect));
             let target_bytes = stride * window as u64 + (16 << 20);
             let case = Case {
                 messages: sent.messages,
                 sender_region,
                 target_region: Region::create(&RegionOptions::memfd(target_bytes)).unwrap(),
                 stride,
-                shared,
+                flow,
                 receipts,
             };
             tcp::run(case).await.unwrap_err()

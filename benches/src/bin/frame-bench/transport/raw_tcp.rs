@@ -13,7 +13,7 @@
 //! latency is one frame's trip, while a backend's includes the frames queued ahead of it in
 //! the window. Compare the two on frames/s.
 
-use super::pump::{self, Measured, Receipts, Shared, STALL};
+use super::pump::{self, Flow, Measured, Receipts, STALL};
 use super::TransportBenchError;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -27,7 +27,7 @@ fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> TransportBenchError 
 /// Runs one (raw-tcp, frame) measurement: `sources` are the messages' wire bytes.
 pub(super) async fn run(
     sources: Vec<Vec<u8>>,
-    shared: Arc<Shared>,
+    flow: Arc<Flow>,
     receipts: Receipts,
 ) -> Result<Measured, TransportBenchError> {
     let (listener, addr) = super::loopback_listener().await?;
@@ -42,8 +42,8 @@ pub(super) async fn run(
     // Writing frames and reading acks share one task, as in the tcp backend's writer.
     let sender = tokio::spawn(async move {
         tokio::try_join!(
-            send(wire, sources, Arc::clone(&shared)),
-            read_acks(acks, Arc::clone(&shared))
+            send(wire, sources, Arc::clone(&flow)),
+            read_acks(acks, Arc::clone(&flow))
         )
     });
     let receiver = tokio::spawn(receive(server, receipts, len));
@@ -54,13 +54,13 @@ pub(super) async fn run(
 async fn send(
     mut wire: OwnedWriteHalf,
     sources: Vec<Vec<u8>>,
-    shared: Arc<Shared>,
+    flow: Arc<Flow>,
 ) -> Result<OwnedWriteHalf, TransportBenchError> {
     let mut seq = 0u64;
     loop {
-        let last = shared.admit(seq).await?;
+        let last = flow.admit(seq).await?;
         let source = &sources[(seq % sources.len() as u64) as usize];
-        shared.posting(seq);
+        flow.started(seq);
         wire.write_all(source).await.map_err(io("write frame"))?;
         seq += 1;
         if last {
@@ -70,13 +70,10 @@ async fn send(
     }
 }
 
-async fn read_acks(
-    mut acks: OwnedReadHalf,
-    shared: Arc<Shared>,
-) -> Result<(), TransportBenchError> {
+async fn read_acks(mut acks: OwnedReadHalf, flow: Arc<Flow>) -> Result<(), TransportBenchError> {
     let mut next = 0u64;
     let mut ack = [0u8; 8];
-    while next < shared.total() {
+    while next < flow.total() {
         tokio::time::timeout(STALL, acks.read_exact(&mut ack))
             .await
             .map_err(|_| TransportBenchError::Stalled("acks"))?
@@ -88,7 +85,7 @@ async fn read_acks(
                 format!("ack for frame {seq}, expected {next}"),
             ));
         }
-        shared.release();
+        flow.release();
         next += 1;
     }
     Ok(())

@@ -1,6 +1,7 @@
 //! Records, the human table and the summary of the targets.
 
 use super::{Outcome, Reference, SystemKind};
+use crate::common::report::{cores, opt, per, per_s, target_line, values, LatencyUs, Targets};
 use crate::roundtrip::FrameSize;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -24,10 +25,8 @@ pub(super) struct Record {
     pub(super) frames_per_s: f64,
     /// Pixel bytes per second, in 10^9.
     gb_per_s: f64,
-    p50_us: f64,
-    p99_us: f64,
-    mean_us: f64,
-    max_us: f64,
+    #[serde(flatten)]
+    latency: LatencyUs,
     /// Process CPU time (user + system, both ends) per measured frame.
     cpu_s_per_frame: f64,
     /// The same CPU time over the wall time: how many cores the pair kept busy.
@@ -46,34 +45,24 @@ pub(super) struct Record {
 impl Record {
     pub(super) fn new(system: SystemKind, size: FrameSize, window: usize, o: &Outcome) -> Self {
         let m = &o.measured;
-        let secs = m.elapsed.as_secs_f64();
-        let frames_per_s = if secs > 0.0 {
-            m.frames as f64 / secs
-        } else {
-            0.0
-        };
-        let cpu = m.cpu.as_secs_f64();
+        let t = &m.timed;
+        let secs = t.elapsed.as_secs_f64();
+        let frames_per_s = per_s(t.frames, secs);
+        let cpu = t.cpu.as_secs_f64();
         let shm = m.shm_writer;
         Self {
             system: system.label().to_string(),
             frame: size.label().to_string(),
-            frames: m.frames,
-            warmup_frames: m.warmup,
+            frames: t.frames,
+            warmup_frames: t.warmup,
             window,
             frame_bytes: o.frame_bytes,
             wire_bytes: o.wire_bytes,
             frames_per_s,
             gb_per_s: frames_per_s * o.frame_bytes as f64 / 1e9,
-            p50_us: m.latency.median_ns / 1e3,
-            p99_us: m.latency.p99_ns / 1e3,
-            mean_us: m.latency.mean_ns / 1e3,
-            max_us: m.latency.max_ns / 1e3,
-            cpu_s_per_frame: if m.frames > 0 {
-                cpu / m.frames as f64
-            } else {
-                0.0
-            },
-            cpu_cores: if secs > 0.0 { cpu / secs } else { 0.0 },
+            latency: LatencyUs::of(&t.latency),
+            cpu_s_per_frame: per(cpu, t.frames),
+            cpu_cores: cores(cpu, secs),
             elapsed_s: secs,
             x_raw_tcp: None,
             shm_writes: shm.map(|s| s.writes),
@@ -106,10 +95,6 @@ impl Skipped {
     }
 }
 
-fn opt(v: Option<f64>, digits: usize) -> String {
-    v.map_or_else(|| "-".to_string(), |v| format!("{v:.digits$}"))
-}
-
 /// The human table.
 pub(super) fn table(records: &[Record]) -> String {
     let mut out = String::new();
@@ -139,8 +124,8 @@ pub(super) fn table(records: &[Record]) -> String {
             r.window,
             r.frames_per_s,
             r.gb_per_s,
-            r.p50_us,
-            r.p99_us,
+            r.latency.p50_us,
+            r.latency.p99_us,
             r.cpu_s_per_frame * 1e6,
             r.cpu_cores,
             opt(r.x_raw_tcp, 2),
@@ -212,10 +197,13 @@ impl Summary {
         let rate = |s: &str, f: &str| find(records, s, f).map(|r| r.frames_per_s);
         let ratio = |a: Option<f64>, b: Option<f64>| Some(a? / b?);
         let tcp_over_raw_tcp = per_frame(records, |f| ratio(rate("tcp", f), rate("raw-tcp", f)));
-        let shm_p50_us = per_frame(records, |f| find(records, "shm", f).map(|r| r.p50_us));
+        let shm_p50_us = per_frame(records, |f| {
+            find(records, "shm", f).map(|r| r.latency.p50_us)
+        });
         let shm_over_tcp = per_frame(records, |f| ratio(rate("shm", f), rate("tcp", f)));
-        let shm_copy_p50_us =
-            per_frame(records, |f| find(records, "shm-copy", f).map(|r| r.p50_us));
+        let shm_copy_p50_us = per_frame(records, |f| {
+            find(records, "shm-copy", f).map(|r| r.latency.p50_us)
+        });
         let shm_copy_over_tcp = per_frame(records, |f| ratio(rate("shm-copy", f), rate("tcp", f)));
         let ib_write_bw_mb_per_s: BTreeMap<String, f64> = references
             .iter()
@@ -244,48 +232,35 @@ impl Summary {
             verbs_over_ib_write_bw,
         }
     }
+}
 
-    /// Whether each target is met, for people.
-    pub(super) fn targets_text(&self) -> String {
-        fn line(out: &mut String, what: &str, met: Option<bool>, value: String) {
-            let verdict = match met {
-                Some(true) => "MET",
-                Some(false) => "NOT MET",
-                None => "not measured",
-            };
-            let _ = writeln!(out, "  {what:<58} {verdict:<12} {value}");
-        }
-        fn values(map: &BTreeMap<String, f64>, digits: usize, unit: &str) -> String {
-            let parts: Vec<String> = map
-                .iter()
-                .map(|(frame, v)| format!("{frame} {v:.digits$}{unit}"))
-                .collect();
-            if parts.is_empty() {
-                "-".to_string()
-            } else {
-                parts.join(", ")
-            }
-        }
+impl Targets for Summary {
+    fn targets_text(&self) -> String {
+        /// Width of the targets' column.
+        const WHAT: usize = 58;
         let mut out = String::new();
         let _ = writeln!(
             out,
             "\ntargets (host nproc {}, window {}; ratios from this run):",
             self.host_nproc, self.window
         );
-        line(
+        target_line(
             &mut out,
+            WHAT,
             "tcp >= 0.8x raw-tcp frames/s (every frame size)",
             self.target_tcp_0_8x_raw_tcp,
             values(&self.tcp_over_raw_tcp, 2, "x"),
         );
-        line(
+        target_line(
             &mut out,
+            WHAT,
             "shm p50 post->arrival <= 5 us (every frame size)",
             self.target_shm_p50_5us,
             values(&self.shm_p50_us, 1, " us"),
         );
-        line(
+        target_line(
             &mut out,
+            WHAT,
             "shm >= 10x tcp frames/s (every frame size)",
             self.target_shm_10x_tcp,
             values(&self.shm_over_tcp, 2, "x"),
@@ -297,8 +272,9 @@ impl Summary {
         } else {
             "verbs was not measured".to_string()
         };
-        line(
+        target_line(
             &mut out,
+            WHAT,
             "verbs >= 0.8x ib_write_bw, same message size (Soft-RoCE VM)",
             self.target_verbs_0_8x_ib_write_bw,
             verbs,

@@ -19,7 +19,7 @@
 //! per write: like every system here, they send pre-built frames (see frames.rs).
 
 use super::frames::InPlaceSet;
-use super::pump::{self, Measured, Receipts, Shared};
+use super::pump::{self, Flow, Measured, Receipts};
 use super::{Case, TransportBenchError};
 use crate::roundtrip::FrameSize;
 use capnp_rdma::framing::OutboundMessage;
@@ -65,15 +65,11 @@ async fn connect<P: Payload>(
         window: window as u32,
         ..ShmOptions::default()
     };
-    let accept = tokio::spawn(async move { ShmTarget::accept(&listener, lease, &options).await });
-    let writer = ShmWriter::<P>::connect(&path.0, local)
-        .await
-        .map_err(TransportBenchError::connect)?;
-    let target = accept
-        .await
-        .map_err(TransportBenchError::Task)?
-        .map_err(TransportBenchError::connect)?;
-    Ok((writer, target))
+    pump::pair(
+        async move { ShmTarget::accept(&listener, lease, &options).await },
+        ShmWriter::<P>::connect(&path.0, local),
+    )
+    .await
 }
 
 /// Runs the stream and returns what it measured, with the writer's counters.
@@ -81,11 +77,11 @@ async fn stream<P: Payload>(
     writer: ShmWriter<P>,
     target: ShmTarget,
     payloads: Vec<P>,
-    shared: Arc<Shared>,
+    flow: Arc<Flow>,
     receipts: Receipts,
     stride: u64,
 ) -> Result<Measured, TransportBenchError> {
-    let sender = tokio::spawn(pump::send(writer, payloads, shared, stride));
+    let sender = tokio::spawn(pump::send(writer, payloads, flow, stride));
     let receiver = tokio::spawn(pump::receive(target, receipts, stride));
     let ((writer, payloads), (target, receipts)) = pump::join(sender, receiver).await?;
     let stats = writer.stats();
@@ -105,22 +101,22 @@ pub(super) async fn run_copy(case: Case) -> Result<Measured, TransportBenchError
         sender_region,
         target_region,
         stride,
-        shared,
+        flow,
         receipts,
     } = case;
-    let window = shared.window();
+    let window = flow.in_flight();
     let (writer, target) =
         connect::<OutboundMessage>(&target_region, &sender_region, stride, window).await?;
-    stream(writer, target, messages, shared, receipts, stride).await
+    stream(writer, target, messages, flow, receipts, stride).await
 }
 
 /// Runs one (shm, frame) measurement: frames built in place in the target's grant, handed
 /// over without a copy. Returns the measurement and the bytes of one write.
 pub(super) async fn run_in_place(
     size: FrameSize,
-    shared: Arc<Shared>,
+    flow: Arc<Flow>,
 ) -> Result<(Measured, u64), TransportBenchError> {
-    let window = shared.window();
+    let window = flow.in_flight();
     let stride = InPlaceSet::capacity(size)?.next_multiple_of(4096);
     let target_region = Region::create(&RegionOptions::memfd(stride * window as u64 + (16 << 20)))?;
     // The writer's own region stays empty: every payload is in the target's.
@@ -133,8 +129,8 @@ pub(super) async fn run_in_place(
     // was announced.
     let set = unsafe { InPlaceSet::build(size, writer.target_region(), base, stride, window) }?;
     let wire_bytes = set.expect.len();
-    let receipts = Receipts::new(&shared, &Arc::new(set.expect));
-    let measured = stream(writer, target, set.payloads, shared, receipts, stride).await?;
+    let receipts = Receipts::new(&flow, &Arc::new(set.expect));
+    let measured = stream(writer, target, set.payloads, flow, receipts, stride).await?;
     match measured.shm_writer {
         Some(stats) if stats.bytes_copied == 0 && stats.zero_copy_writes == stats.writes => {
             Ok((measured, wire_bytes))

@@ -14,24 +14,21 @@ pub(super) async fn run(case: Case) -> Result<Measured, TransportBenchError> {
         sender_region,
         target_region,
         stride,
-        shared,
+        flow,
         receipts,
     } = case;
-    let lease = target_region.lease(stride * shared.window() as u64)?;
+    let lease = target_region.lease(stride * flow.in_flight() as u64)?;
     let (listener, addr) = super::loopback_listener().await?;
     let options = TcpOptions {
-        window: shared.window() as u32,
+        window: flow.in_flight() as u32,
     };
-    let accept = tokio::spawn(async move { TcpTarget::accept(&listener, lease, &options).await });
-    let writer = TcpWriter::<OutboundMessage>::connect(addr, &sender_region)
-        .await
-        .map_err(TransportBenchError::connect)?;
-    let target = accept
-        .await
-        .map_err(TransportBenchError::Task)?
-        .map_err(TransportBenchError::connect)?;
+    let (writer, target) = pump::pair(
+        async move { TcpTarget::accept(&listener, lease, &options).await },
+        TcpWriter::<OutboundMessage>::connect(addr, &sender_region),
+    )
+    .await?;
 
-    let sender = tokio::spawn(pump::send(writer, messages, shared, stride));
+    let sender = tokio::spawn(pump::send(writer, messages, flow, stride));
     let receiver = tokio::spawn(pump::receive(target, receipts, stride));
     let ((writer, payloads), (target, receipts)) = pump::join(sender, receiver).await?;
     drop((writer, target, payloads));

@@ -27,11 +27,11 @@ pub(super) async fn run(device: &VerbsDevice, case: Case) -> Result<Measured, Tr
         sender_region,
         target_region,
         stride,
-        shared,
+        flow,
         receipts,
     } = case;
     let options = VerbsOptions {
-        window: shared.window() as u32,
+        window: flow.in_flight() as u32,
         ..VerbsOptions::from_env()
     };
     let local = Arc::new(
@@ -44,21 +44,16 @@ pub(super) async fn run(device: &VerbsDevice, case: Case) -> Result<Measured, Tr
             .register(&target_region)
             .map_err(TransportBenchError::connect)?,
     );
-    let lease = target_region.lease(stride * shared.window() as u64)?;
+    let lease = target_region.lease(stride * flow.in_flight() as u64)?;
     let (listener, addr) = super::loopback_listener().await?;
     let target_options = options.clone();
-    let accept = tokio::spawn(async move {
-        VerbsTarget::accept(&listener, &remote, lease, &target_options).await
-    });
-    let writer = VerbsWriter::<OutboundMessage>::connect(addr, &local, &options)
-        .await
-        .map_err(TransportBenchError::connect)?;
-    let target = accept
-        .await
-        .map_err(TransportBenchError::Task)?
-        .map_err(TransportBenchError::connect)?;
+    let (writer, target) = pump::pair(
+        async move { VerbsTarget::accept(&listener, &remote, lease, &target_options).await },
+        VerbsWriter::<OutboundMessage>::connect(addr, &local, &options),
+    )
+    .await?;
 
-    let sender = tokio::spawn(pump::send(writer, messages, shared, stride));
+    let sender = tokio::spawn(pump::send(writer, messages, flow, stride));
     let receiver = tokio::spawn(pump::receive(target, receipts, stride));
     let ((writer, payloads), (target, receipts)) = pump::join(sender, receiver).await?;
     // The QPs first (no DMA after them), then the payloads and registrations.
