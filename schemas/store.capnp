@@ -76,6 +76,14 @@ struct Request {
     streamStat @13 :Text;
     # Several references at once (same semantics as `release` for each).
     releaseMany @14 :List(UInt64);
+    # Ends a stream after its last sealed frame: no frame can be created or sealed in it any
+    # more, and every consumer (also one that subscribes later) gets every frame, then an
+    # `ended` with code `endOfStream`. Ending an ended stream succeeds.
+    endStream @15 :Text;
+    # Releases (and acknowledges) references of one durable subscription and records the
+    # consumer's state with its cursor, in one operation: a sink's output position travels with
+    # the frames it wrote.
+    commit @16 :Commit;
   }
 }
 
@@ -110,6 +118,18 @@ struct Seal {
   len @2 :UInt64;
   hasChecksum @3 :Bool;
   checksum @4 :UInt32;
+  # References released (and acknowledged) in the same operation as the seal: a filter's
+  # output frame and the input it came from commit together. Checked before anything
+  # happens: if one is not this session's, nothing is sealed or released.
+  releases @5 :List(UInt64);
+}
+
+struct Commit {
+  subscription @0 :UInt32;
+  # References of that subscription to release (may be empty: only the state changes).
+  references @1 :List(UInt64);
+  # The consumer's state (at most 4096 bytes), returned by `subscribed` when it resumes.
+  state @2 :Data;
 }
 
 struct Cursor {
@@ -164,6 +184,8 @@ enum ErrorCode {
   dataNotLanded @19;
   # The store could not record the operation durably (persistence directory).
   persistence @20;
+  # The stream has ended: a subscription's last message, or a create/seal after the end.
+  endOfStream @21;
 }
 
 struct Error {
@@ -200,6 +222,11 @@ struct Grant {
   # Region offset and length of that frame's bytes.
   previousOffset @5 :UInt64;
   previousLen @6 :UInt64;
+  # The stream's id (a stable hash of its name) and the sequence number this frame gets if
+  # the stream's grants are sealed in the order they were granted (one producer): what the
+  # producer writes into the frame's own bytes.
+  streamId @7 :UInt64;
+  seq @8 :UInt64;
 }
 
 struct Delivery {
@@ -220,6 +247,8 @@ struct Subscribed {
   subscription @0 :UInt32;
   # The first frame that will be delivered.
   fromSeq @1 :UInt64;
+  # The durable consumer's state as last committed (empty if never).
+  state @2 :Data;
 }
 
 struct StreamStat {
@@ -237,6 +266,10 @@ struct StreamStat {
   droppedTotal @10 :UInt64;
   blockedCreates @11 :UInt64;
   rejectedCreates @12 :UInt64;
+  # Its producer ended it (`endStream`).
+  ended @13 :Bool;
+  # Its id, as in grants.
+  id @14 :UInt64;
 }
 
 struct ConsumerStat {

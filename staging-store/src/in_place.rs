@@ -147,17 +147,27 @@ impl InPlace {
     /// Frames the message and seals it (verbs and tcp clients first send it into the grant);
     /// returns its sequence number. A message that outgrew the grant is an error
     /// ([`SlotError::Overflow`] says the size needed), and on any error the grant is aborted.
-    pub async fn seal(mut self) -> Result<u64, InPlaceError> {
+    pub async fn seal(self) -> Result<u64, InPlaceError> {
+        self.seal_releasing(&[]).await
+    }
+
+    /// [`seal`](Self::seal), releasing `releases` in the same store operation
+    /// ([`Client::seal_releasing`]): a filter's output frame and the input it came from.
+    pub async fn seal_releasing(mut self, releases: &[u64]) -> Result<u64, InPlaceError> {
         let message = self.message.take().expect("present until sealed");
         let grant = self.grant;
-        let result = self.send_and_seal(message).await;
+        let result = self.send_and_seal(message, releases).await;
         if result.is_err() {
             let _ = self.client.abort(&grant).await;
         }
         result
     }
 
-    async fn send_and_seal(&mut self, message: SlotMessage) -> Result<u64, InPlaceError> {
+    async fn send_and_seal(
+        &mut self,
+        message: SlotMessage,
+        releases: &[u64],
+    ) -> Result<u64, InPlaceError> {
         let region = message.region().clone();
         let framed = message.finish()?;
         let checksum = if self.checksum {
@@ -187,7 +197,7 @@ impl InPlace {
         self.staging = None;
         Ok(self
             .client
-            .seal(&self.grant, at, framed.len, checksum)
+            .seal_releasing(&self.grant, at, framed.len, checksum, releases)
             .await?)
     }
 }

@@ -125,6 +125,7 @@ async fn unknown_objects_references_streams_and_names() {
         offset: 0,
         len: 8,
         checksum: None,
+        releases: Vec::new(),
     };
     assert_eq!(failed(c.call(seal(999)).await), ErrorCode::UnknownObject);
     assert_eq!(

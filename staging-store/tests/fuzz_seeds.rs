@@ -97,6 +97,7 @@ impl Rng {
                 offset: self.num(),
                 len: self.num(),
                 checksum: self.opt_crc(),
+                releases: (0..self.below(5)).map(|_| self.num()).collect(),
             },
             5 => Body::Abort(self.num()),
             6 => Body::Subscribe {
@@ -119,6 +120,12 @@ impl Rng {
             10 => Body::ReleaseMany((0..self.below(40)).map(|_| self.num()).collect()),
             11 => Body::Stat,
             12 => Body::Streams,
+            13 => Body::EndStream(self.name()),
+            14 => Body::Commit {
+                subscription: self.num() as u32,
+                references: (0..self.below(5)).map(|_| self.num()).collect(),
+                state: (0..self.below(64)).map(|_| self.num() as u8).collect(),
+            },
             _ => Body::StreamStat(self.name()),
         }
     }
@@ -170,6 +177,8 @@ impl Rng {
             dropped_total: self.num(),
             blocked_creates: self.num(),
             rejected_creates: self.num(),
+            ended: self.below(2) == 0,
+            id: self.num(),
         }
     }
 
@@ -198,11 +207,14 @@ impl Rng {
                     offset: self.num(),
                     len: self.num(),
                 }),
+                stream_id: self.num(),
+                seq: self.num(),
             })),
             4 => Ok(Reply::Sealed(self.num())),
             5 => Ok(Reply::Subscribed(Subscribed {
                 subscription: self.num() as u32,
                 from_seq: self.num(),
+                state: (0..self.below(40)).map(|_| self.num() as u8).collect(),
             })),
             6 => Ok(Reply::Got(self.delivery())),
             7 => Ok(Reply::Stat(StoreStat {
@@ -243,7 +255,7 @@ fn seeds() -> Vec<Vec<u8>> {
     let mut rng = Rng(0x05ee_d0f5_704e);
     let mut valid = Vec::new();
     for round in 0..3 {
-        for kind in 0..14 {
+        for kind in 0..16 {
             let request = Request {
                 id: rng.num(),
                 body: rng.body(kind),
@@ -436,6 +448,8 @@ fn empty_stream_stat() -> StreamStat {
         dropped_total: 0,
         blocked_creates: 0,
         rejected_creates: 0,
+        ended: false,
+        id: 0,
     }
 }
 

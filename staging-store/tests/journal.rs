@@ -5,7 +5,7 @@ use proptest::prelude::*;
 use staging_store::journal::{
     classify, decode_all, encode_record, frame_crc, frame_crc_append, fuzz_decode, DecodeError,
     Journal, JournalError, Record, Stop, SyncPolicy, Tail, MAX_BODY_BYTES, MAX_CONFIG_BYTES,
-    MAX_NAME_BYTES,
+    MAX_NAME_BYTES, MAX_STATE_BYTES,
 };
 use std::path::{Path, PathBuf};
 
@@ -90,6 +90,33 @@ fn every_kind() -> Vec<Record> {
             consumer: "c".repeat(MAX_NAME_BYTES),
             next_seq: 0,
         },
+        Record::Ended {
+            stream: "camera-1".into(),
+        },
+        Record::ConsumerState {
+            stream: "camera-1".into(),
+            consumer: "sink".into(),
+            next_seq: 9,
+            state: vec![0x5a; MAX_STATE_BYTES],
+        },
+        Record::Group(vec![
+            Record::Sealed {
+                stream: "out".into(),
+                seq: 3,
+                lease_offset: 65536,
+                lease_len: 65536,
+                data_offset: 65536,
+                data_len: 4096,
+                crc32c: 1,
+                unix_nanos: 2,
+            },
+            Record::Cursor {
+                stream: "in".into(),
+                consumer: "filter".into(),
+                next_seq: 4,
+            },
+        ]),
+        Record::Group(Vec::new()),
     ]
 }
 
@@ -618,6 +645,29 @@ fn record() -> impl Strategy<Value = Record> {
         }),
         (name(), name())
             .prop_map(|(stream, consumer)| Record::ConsumerDeleted { stream, consumer }),
+        name().prop_map(|stream| Record::Ended { stream }),
+        (
+            name(),
+            name(),
+            any::<u64>(),
+            prop::collection::vec(any::<u8>(), 0..64)
+        )
+            .prop_map(
+                |(stream, consumer, next_seq, state)| Record::ConsumerState {
+                    stream,
+                    consumer,
+                    next_seq,
+                    state,
+                }
+            ),
+    ]
+}
+
+/// Any record, groups of leaf records included.
+fn any_record() -> impl Strategy<Value = Record> {
+    prop_oneof![
+        4 => record(),
+        1 => prop::collection::vec(record(), 0..4).prop_map(Record::Group),
     ]
 }
 
@@ -686,7 +736,7 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
     #[test]
-    fn random_record_sequences_round_trip(records in prop::collection::vec(record(), 0..40)) {
+    fn random_record_sequences_round_trip(records in prop::collection::vec(any_record(), 0..40)) {
         let bytes = encoded(&records);
         let (decoded, stop) = decode_all(&bytes);
         prop_assert_eq!(&decoded, &records);
@@ -696,7 +746,7 @@ proptest! {
 
     #[test]
     fn random_mutations_never_panic(
-        records in prop::collection::vec(record(), 1..12),
+        records in prop::collection::vec(any_record(), 1..12),
         mutations in prop::collection::vec(mutation(), 1..4),
     ) {
         let ends = ends(&records);
@@ -718,7 +768,7 @@ fn random_record_sequences_round_trip_through_the_file() {
     let tmp = TempDir::new("prop-file");
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(32));
     runner
-        .run(&prop::collection::vec(record(), 0..30), |records| {
+        .run(&prop::collection::vec(any_record(), 0..30), |records| {
             let _ = std::fs::remove_dir_all(&tmp.0);
             {
                 let (mut journal, _) = open(&tmp.0);
@@ -854,4 +904,36 @@ fn write_fuzz_seeds() {
     for (i, seed) in seeds().iter().enumerate() {
         std::fs::write(dir.join(format!("seed-{i:04}")), seed).unwrap();
     }
+}
+
+/// A group is one record: decoded whole or not at all, never nested, and its torn tail drops
+/// every record in it.
+#[test]
+fn a_group_is_replayed_whole_or_not_at_all() {
+    let group = Record::Group(vec![
+        Record::Ended { stream: "a".into() },
+        Record::ConsumerState {
+            stream: "a".into(),
+            consumer: "c".into(),
+            next_seq: 1,
+            state: b"x".to_vec(),
+        },
+    ]);
+    let mut bytes = encoded(&[Record::Ended { stream: "z".into() }]);
+    let before = bytes.len();
+    encode_record(&group, &mut bytes).unwrap();
+    let (records, stop) = decode_all(&bytes);
+    assert_eq!(records.len(), 2);
+    assert_eq!(records[1], group);
+    assert_eq!(stop.error, None);
+    for cut in before + 1..bytes.len() {
+        let (records, stop) = decode_all(&bytes[..cut]);
+        assert_eq!(records.len(), 1, "cut at {cut}: nothing of the group");
+        assert_eq!(stop.offset, before as u64);
+    }
+    let nested = Record::Group(vec![group]);
+    assert!(
+        encode_record(&nested, &mut Vec::new()).is_err(),
+        "groups do not nest"
+    );
 }

@@ -243,3 +243,71 @@ async fn a_frame_corrupted_on_disk_is_dropped_after_a_crash() {
 async fn a_frame_corrupted_on_disk_is_dropped_after_a_clean_stop() {
     restart_after(Stop::Term, Some(7)).await;
 }
+
+/// A seal that released its input, a sink's committed state and an ended stream survive a
+/// SIGKILL of the store: the journal holds each operation as one record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seals_with_releases_commits_and_ends_survive_a_crash() {
+    use capnp_rdma::frame::{FrameSpec, PixelFormat};
+    use staging_store::in_place::InPlace;
+
+    let dir = temp_dir("persist-exactly-once");
+    let mut server = serve(&dir);
+    let c = within(Client::connect(server.unix(), "ops")).await.unwrap();
+    for s in ["in", "out"] {
+        c.create_stream(s, StreamConfig::default(), false)
+            .await
+            .unwrap();
+    }
+    let mut filter = c.subscribe("in", "f", Cursor::Oldest, 4).await.unwrap();
+    let mut sink = c.subscribe("out", "s", Cursor::Oldest, 4).await.unwrap();
+    for seq in 0..3 {
+        c.put("in", &frame(seq)).await.unwrap();
+    }
+    c.end_stream("in").await.unwrap();
+    for _ in 0..2 {
+        let input = within(filter.next()).await.unwrap();
+        let spec = FrameSpec::new(PixelFormat::Gray8, 32, 16);
+        let mut out = InPlace::create_frame(&c, "out", &spec).await.unwrap();
+        out.message_mut().init_frame(&spec).unwrap();
+        out.seal_releasing(&[input.delivery().reference])
+            .await
+            .unwrap();
+        input.forget();
+    }
+    let written = within(sink.next()).await.unwrap();
+    c.commit(sink.id(), &[written.delivery().reference], b"one frame")
+        .await
+        .unwrap();
+    written.forget();
+    stop(&mut server, Stop::Kill);
+    drop((filter, sink, c));
+
+    let mut server = serve(&dir);
+    let c = within(Client::connect(server.unix(), "again"))
+        .await
+        .unwrap();
+    let input = c.stream_stat("in").await.unwrap();
+    assert!(input.ended, "the end survived");
+    let mut filter = c.subscribe("in", "f", Cursor::Resume, 4).await.unwrap();
+    assert_eq!(
+        filter.from_seq(),
+        2,
+        "both releases made with seals survived"
+    );
+    let last = within(filter.next()).await.unwrap();
+    assert_eq!(stamp(last.bytes()), 2);
+    last.release().await.unwrap();
+    assert!(within(filter.next()).await.unwrap_err().is_end_of_stream());
+    assert_eq!(
+        c.stream_stat("out").await.unwrap().next_seq,
+        2,
+        "both seals survived"
+    );
+    let sink = c.subscribe("out", "s", Cursor::Resume, 4).await.unwrap();
+    assert_eq!(sink.state(), b"one frame");
+    assert_eq!(sink.from_seq(), 1);
+    drop((filter, sink, c));
+    stop(&mut server, Stop::Term);
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -112,18 +112,83 @@ impl Client {
         len: u64,
         checksum: Option<u32>,
     ) -> Result<u64, ClientError> {
+        self.seal_releasing(grant, offset, len, checksum, &[]).await
+    }
+
+    /// [`seal`](Self::seal), and releases (acknowledges) `releases` in the same store
+    /// operation: both happen or neither does, whatever crashes (a filter's output and the
+    /// input it came from). A reference that is not this client's fails the whole call.
+    pub async fn seal_releasing(
+        &self,
+        grant: &Grant,
+        offset: u64,
+        len: u64,
+        checksum: Option<u32>,
+        releases: &[u64],
+    ) -> Result<u64, ClientError> {
+        if releases.len() > crate::proto::MAX_RELEASE_BATCH {
+            return Err(ClientError::TooLarge {
+                what: "a seal's release list",
+                len: releases.len(),
+                max: crate::proto::MAX_RELEASE_BATCH,
+            });
+        }
         match self
             .call(Body::Seal {
                 object: grant.object,
                 offset,
                 len,
                 checksum,
+                releases: releases.to_vec(),
             })
             .await?
         {
             Reply::Sealed(seq) => Ok(seq),
             other => Err(unexpected(other)),
         }
+    }
+
+    /// Ends `stream` after its last sealed frame: every consumer, also one that subscribes
+    /// later, gets every frame and then the end ([`ClientError::is_end_of_stream`]). Ending
+    /// an ended stream succeeds.
+    pub async fn end_stream(&self, stream: &str) -> Result<(), ClientError> {
+        self.call(Body::EndStream(stream.to_owned()))
+            .await
+            .map(drop)
+    }
+
+    /// Releases `references` (deliveries of durable subscription `subscription`) and records
+    /// `state` with the consumer's cursor, in one store operation: a sink commits its output
+    /// position with the frames it wrote. The state comes back in
+    /// [`Subscription::state`](super::Subscription::state) when the consumer resumes.
+    pub async fn commit(
+        &self,
+        subscription: u32,
+        references: &[u64],
+        state: &[u8],
+    ) -> Result<(), ClientError> {
+        let max = crate::proto::MAX_CONSUMER_STATE;
+        if state.len() > max {
+            return Err(ClientError::TooLarge {
+                what: "a consumer state",
+                len: state.len(),
+                max,
+            });
+        }
+        if references.len() > crate::proto::MAX_RELEASE_BATCH {
+            return Err(ClientError::TooLarge {
+                what: "a commit's reference list",
+                len: references.len(),
+                max: crate::proto::MAX_RELEASE_BATCH,
+            });
+        }
+        self.call(Body::Commit {
+            subscription,
+            references: references.to_vec(),
+            state: state.to_vec(),
+        })
+        .await
+        .map(drop)
     }
 
     /// Gives up a grant.

@@ -86,6 +86,12 @@ impl FrameRef {
         self.released = true;
         self.client.release(self.delivery.reference).await
     }
+
+    /// Gives it up without releasing it: its reference was released by another call
+    /// ([`Client::seal_releasing`], [`Client::commit`]). Its bytes must not be read after.
+    pub fn forget(mut self) {
+        self.released = true;
+    }
 }
 
 impl Drop for FrameRef {

@@ -119,9 +119,27 @@ pub enum ClientError {
     /// The frame does not fit the grant (or the grant is not writable here).
     #[error("{0}")]
     Grant(String),
+    /// A request the store would refuse as malformed, not sent.
+    #[error("{what} of {len} bytes is over the limit of {max}")]
+    TooLarge {
+        /// What.
+        what: &'static str,
+        /// Its size.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
     /// RDMA (verbs clients): no device, the handshake, or an RDMA WRITE/READ failed.
     #[error("RDMA: {0}")]
     Rdma(#[from] TransportError),
+}
+
+impl ClientError {
+    /// True when this is the end of a stream: a subscription delivered every frame of a
+    /// stream its producer ended (or a create on an ended stream).
+    pub fn is_end_of_stream(&self) -> bool {
+        matches!(self, Self::Store(e) if e.code == crate::proto::ErrorCode::EndOfStream)
+    }
 }
 
 fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> ClientError {

@@ -28,6 +28,7 @@ impl Client {
         let Reply::Subscribed(Subscribed {
             subscription,
             from_seq,
+            state,
         }) = reply
         else {
             return Err(unexpected(reply));
@@ -56,6 +57,7 @@ impl Client {
             closed: false,
             received: 0,
             ended: None,
+            state,
         })
     }
 }
@@ -72,12 +74,19 @@ pub struct Subscription {
     received: u64,
     /// The store ended it: why, and after how many frames.
     ended: Option<(StoreError, u64)>,
+    /// The durable consumer's state as last committed.
+    state: Vec<u8>,
 }
 
 impl Subscription {
     /// Its id.
     pub fn id(&self) -> u32 {
         self.id
+    }
+
+    /// The state its durable consumer last committed ([`Client::commit`]); empty if never.
+    pub fn state(&self) -> &[u8] {
+        &self.state
     }
 
     /// The first frame it delivers.

@@ -19,6 +19,14 @@ const KIND_SEALED: u8 = 3;
 const KIND_FREED: u8 = 4;
 const KIND_CURSOR: u8 = 5;
 const KIND_CONSUMER_DELETED: u8 = 6;
+const KIND_ENDED: u8 = 7;
+const KIND_CONSUMER_STATE: u8 = 8;
+const KIND_GROUP: u8 = 9;
+
+/// Largest consumer state a record holds.
+pub const MAX_STATE_BYTES: usize = 4096;
+/// Most records in a group.
+pub const MAX_GROUP_RECORDS: usize = 64;
 
 /// One journal record.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -77,6 +85,26 @@ pub enum Record {
         /// Consumer name.
         consumer: String,
     },
+    /// The stream's producer ended it: no frame follows its last.
+    Ended {
+        /// Stream name.
+        stream: String,
+    },
+    /// A consumer's position and the state it committed with it (a sink's output position).
+    ConsumerState {
+        /// Stream name.
+        stream: String,
+        /// Consumer name.
+        consumer: String,
+        /// Next sequence number to deliver.
+        next_seq: u64,
+        /// The state (≤ [`MAX_STATE_BYTES`]).
+        state: Vec<u8>,
+    },
+    /// Records of one store operation, replayed all or none (one body, one CRC): a seal with
+    /// the releases it carries, a commit's releases with the consumer's state. Not nested; at
+    /// most [`MAX_GROUP_RECORDS`].
+    Group(Vec<Record>),
 }
 
 impl Record {
@@ -87,7 +115,19 @@ impl Record {
             Record::Sealed { stream, .. }
             | Record::Freed { stream, .. }
             | Record::Cursor { stream, .. }
-            | Record::ConsumerDeleted { stream, .. } => stream,
+            | Record::ConsumerDeleted { stream, .. }
+            | Record::Ended { stream }
+            | Record::ConsumerState { stream, .. } => stream,
+            Record::Group(records) => records.first().map_or("", Record::stream),
+        }
+    }
+
+    /// True for a [`Record::Sealed`], or a group holding one (what `SyncPolicy::Seal` syncs).
+    pub fn seals(&self) -> bool {
+        match self {
+            Record::Sealed { .. } => true,
+            Record::Group(records) => records.iter().any(Record::seals),
+            _ => false,
         }
     }
 
@@ -100,6 +140,9 @@ impl Record {
             Record::Freed { .. } => KIND_FREED,
             Record::Cursor { .. } => KIND_CURSOR,
             Record::ConsumerDeleted { .. } => KIND_CONSUMER_DELETED,
+            Record::Ended { .. } => KIND_ENDED,
+            Record::ConsumerState { .. } => KIND_CONSUMER_STATE,
+            Record::Group(_) => KIND_GROUP,
         }
     }
 }
@@ -250,6 +293,37 @@ fn encode_body(record: &Record, out: &mut Vec<u8>) -> Result<(), JournalError> {
             put_name(out, "stream name", stream)?;
             put_name(out, "consumer name", consumer)?;
         }
+        Record::Ended { stream } => put_name(out, "stream name", stream)?,
+        Record::ConsumerState {
+            stream,
+            consumer,
+            next_seq,
+            state,
+        } => {
+            put_name(out, "stream name", stream)?;
+            put_name(out, "consumer name", consumer)?;
+            put_u64(out, *next_seq);
+            check_len("consumer state", state.len(), MAX_STATE_BYTES)?;
+            put_bytes(out, state);
+        }
+        Record::Group(records) => {
+            check_len("group", records.len(), MAX_GROUP_RECORDS)?;
+            out.push(records.len() as u8);
+            for record in records {
+                if matches!(record, Record::Group(_)) {
+                    return Err(JournalError::TooLong {
+                        field: "group nesting",
+                        len: 2,
+                        max: 1,
+                    });
+                }
+                let at = out.len();
+                out.extend_from_slice(&[0; 4]);
+                encode_body(record, out)?;
+                let len = (out.len() - at - 4) as u32;
+                out[at..at + 4].copy_from_slice(&len.to_le_bytes());
+            }
+        }
     }
     Ok(())
 }
@@ -263,7 +337,8 @@ pub fn encode_record(record: &Record, out: &mut Vec<u8>) -> Result<(), JournalEr
         return Err(e);
     }
     let body = &out[start + HEADER_BYTES..];
-    // Names and config are capped, so every body is far below MAX_BODY_BYTES.
+    // Names, config and state are capped and groups hold at most MAX_GROUP_RECORDS records
+    // (each under 5 KiB), so every body is below MAX_BODY_BYTES.
     debug_assert!(body.len() <= MAX_BODY_BYTES);
     let len = (body.len() as u32).to_le_bytes();
     let crc = crc32c::crc32c(body).to_le_bytes();
@@ -337,6 +412,10 @@ impl<'a> Fields<'a> {
 }
 
 fn decode_body(body: &[u8]) -> Result<Record, DecodeError> {
+    decode_body_at(body, 0)
+}
+
+fn decode_body_at(body: &[u8], depth: u8) -> Result<Record, DecodeError> {
     let (&kind, rest) = body
         .split_first()
         .ok_or(DecodeError::FieldTruncated { field: "kind" })?;
@@ -372,6 +451,32 @@ fn decode_body(body: &[u8]) -> Result<Record, DecodeError> {
             stream: f.name("stream name")?,
             consumer: f.name("consumer name")?,
         },
+        KIND_ENDED => Record::Ended {
+            stream: f.name("stream name")?,
+        },
+        KIND_CONSUMER_STATE => Record::ConsumerState {
+            stream: f.name("stream name")?,
+            consumer: f.name("consumer name")?,
+            next_seq: f.u64("next_seq")?,
+            state: f.bytes("consumer state", MAX_STATE_BYTES)?.to_vec(),
+        },
+        KIND_GROUP if depth == 0 => {
+            let count = usize::from(f.take(1, "group count")?[0]);
+            if count > MAX_GROUP_RECORDS {
+                return Err(DecodeError::TooLong {
+                    field: "group",
+                    len: count,
+                    max: MAX_GROUP_RECORDS,
+                });
+            }
+            let mut records = Vec::with_capacity(count);
+            for _ in 0..count {
+                let len = f.u32("group record length")? as usize;
+                let inner = f.take(len, "group record")?;
+                records.push(decode_body_at(inner, depth + 1)?);
+            }
+            Record::Group(records)
+        }
         kind => return Err(DecodeError::UnknownKind { kind }),
     };
     f.finish()?;

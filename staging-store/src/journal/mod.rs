@@ -47,6 +47,11 @@
 //!  kind 4  Freed            stream: str ≤ 255, seq u64
 //!  kind 5  Cursor           stream: str ≤ 255, consumer: str ≤ 255, next_seq u64
 //!  kind 6  ConsumerDeleted  stream: str ≤ 255, consumer: str ≤ 255
+//!  kind 7  Ended            stream: str ≤ 255
+//!  kind 8  ConsumerState    stream: str ≤ 255, consumer: str ≤ 255, next_seq u64,
+//!                           state: u16 len + bytes ≤ 4096
+//!  kind 9  Group            count u8 ≤ 64, then per record: u32 len + a body of kinds 1-8
+//!                           (one operation's records: replayed all or none)
 //! ```
 //!
 //! The encoding is canonical: a body that decodes re-encodes to the same bytes (trailing bytes,
@@ -105,7 +110,8 @@ mod writer;
 
 pub use format::{
     decode_all, encode_record, frame_crc, frame_crc_append, DecodeError, Record, Stop,
-    HEADER_BYTES, MAX_BODY_BYTES, MAX_CONFIG_BYTES, MAX_NAME_BYTES,
+    HEADER_BYTES, MAX_BODY_BYTES, MAX_CONFIG_BYTES, MAX_GROUP_RECORDS, MAX_NAME_BYTES,
+    MAX_STATE_BYTES,
 };
 pub use recovery::{classify, fuzz_decode, CorruptAt, Recovered, Tail};
 pub use writer::{Journal, SyncPolicy};

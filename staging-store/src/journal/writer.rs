@@ -75,7 +75,7 @@ impl Journal {
         self.len += self.buf.len() as u64;
         let sync = match self.sync {
             SyncPolicy::Never => false,
-            SyncPolicy::Seal => matches!(record, Record::Sealed { .. }),
+            SyncPolicy::Seal => record.seals(),
             SyncPolicy::Always => true,
         };
         if sync {

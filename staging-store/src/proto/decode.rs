@@ -3,8 +3,8 @@
 //! bounds of `limits.rs`; every failure is a typed [`ProtoError`].
 
 use super::limits::{
-    read_options, read_options_for, ListBudget, MAX_NAME_BYTES, MAX_RELEASE_BATCH,
-    MAX_SERVER_MESSAGE_BYTES, REQUEST_TRAVERSAL_CAP_WORDS, TRAVERSAL_FACTOR,
+    read_options, read_options_for, ListBudget, MAX_CONSUMER_STATE, MAX_NAME_BYTES,
+    MAX_RELEASE_BATCH, MAX_SERVER_MESSAGE_BYTES, REQUEST_TRAVERSAL_CAP_WORDS, TRAVERSAL_FACTOR,
 };
 use super::{
     Body, ConsumerStat, Cursor, Delivery, ErrorCode, FullPolicy, Grant, PreviousFrame, Reply,
@@ -86,6 +86,7 @@ pub fn decode_request(bytes: &[u8]) -> Result<Request, ProtoError> {
                 offset: s.get_offset(),
                 len: s.get_len(),
                 checksum: s.get_has_checksum().then(|| s.get_checksum()),
+                releases: u64_list(s.get_releases()?, &mut budget, "seal releases")?,
             }
         }
         W::Abort(object) => Body::Abort(object),
@@ -114,17 +115,23 @@ pub fn decode_request(bytes: &[u8]) -> Result<Request, ProtoError> {
             }
         }
         W::Release(r) => Body::Release(r),
-        W::ReleaseMany(list) => {
-            let list = list?;
-            if list.len() as usize > MAX_RELEASE_BATCH {
-                return Err(ProtoError::Invalid("releaseMany longer than 4096"));
-            }
-            budget.take(list.len())?;
-            Body::ReleaseMany(list.iter().collect())
-        }
+        W::ReleaseMany(list) => Body::ReleaseMany(u64_list(list?, &mut budget, "releaseMany")?),
         W::Stat(()) => Body::Stat,
         W::Streams(()) => Body::Streams,
         W::StreamStat(n) => Body::StreamStat(name(n?)?),
+        W::EndStream(n) => Body::EndStream(name(n?)?),
+        W::Commit(c) => {
+            let c = c?;
+            let state = c.get_state()?;
+            if state.len() > MAX_CONSUMER_STATE {
+                return Err(ProtoError::Invalid("commit state longer than 4096 bytes"));
+            }
+            Body::Commit {
+                subscription: c.get_subscription(),
+                references: u64_list(c.get_references()?, &mut budget, "commit references")?,
+                state: state.to_vec(),
+            }
+        }
     };
     Ok(Request {
         id: root.get_id(),
@@ -174,6 +181,8 @@ pub fn decode_server_message(bytes: &[u8]) -> Result<ServerMessage, ProtoError> 
                             offset: g.get_previous_offset(),
                             len: g.get_previous_len(),
                         }),
+                        stream_id: g.get_stream_id(),
+                        seq: g.get_seq(),
                     }))
                 }
                 R::Sealed(seq) => Ok(Reply::Sealed(seq)),
@@ -182,6 +191,15 @@ pub fn decode_server_message(bytes: &[u8]) -> Result<ServerMessage, ProtoError> 
                     Ok(Reply::Subscribed(Subscribed {
                         subscription: s.get_subscription(),
                         from_seq: s.get_from_seq(),
+                        state: {
+                            let state = s.get_state()?;
+                            if state.len() > MAX_CONSUMER_STATE {
+                                return Err(ProtoError::Invalid(
+                                    "consumer state longer than 4096 bytes",
+                                ));
+                            }
+                            state.to_vec()
+                        },
                     }))
                 }
                 R::Got(d) => Ok(Reply::Got(delivery_from(d?))),
@@ -226,6 +244,22 @@ pub(super) fn aligned_copy(bytes: &[u8]) -> Vec<capnp::Word> {
     let mut words = capnp::Word::allocate_zeroed_vec(bytes.len().div_ceil(8));
     capnp::Word::words_to_bytes_mut(&mut words)[..bytes.len()].copy_from_slice(bytes);
     words
+}
+
+/// A list of references, at most [`MAX_RELEASE_BATCH`] long and within the message's budget.
+fn u64_list(
+    list: capnp::primitive_list::Reader<'_, u64>,
+    budget: &mut ListBudget,
+    what: &'static str,
+) -> Result<Vec<u64>, ProtoError> {
+    if list.len() as usize > MAX_RELEASE_BATCH {
+        return Err(ProtoError::Invalid(match what {
+            "releaseMany" => "releaseMany longer than 4096",
+            _ => "reference list longer than 4096",
+        }));
+    }
+    budget.take(list.len())?;
+    Ok(list.iter().collect())
 }
 
 fn name(reader: capnp::text::Reader<'_>) -> Result<String, ProtoError> {
@@ -307,6 +341,8 @@ fn stream_stat_from(
         dropped_total: r.get_dropped_total(),
         blocked_creates: r.get_blocked_creates(),
         rejected_creates: r.get_rejected_creates(),
+        ended: r.get_ended(),
+        id: r.get_id(),
     })
 }
 
@@ -358,6 +394,7 @@ impl ErrorCode {
             S::Protocol => Self::Protocol,
             S::DataNotLanded => Self::DataNotLanded,
             S::Persistence => Self::Persistence,
+            S::EndOfStream => Self::EndOfStream,
         }
     }
 }

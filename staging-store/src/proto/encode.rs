@@ -54,6 +54,7 @@ pub fn encode_request(request: &Request, out: &mut Vec<u8>) {
             offset,
             len,
             checksum,
+            releases,
         } => {
             let mut s = root.init_seal();
             s.set_object(*object);
@@ -61,6 +62,9 @@ pub fn encode_request(request: &Request, out: &mut Vec<u8>) {
             s.set_len(*len);
             s.set_has_checksum(checksum.is_some());
             s.set_checksum(checksum.unwrap_or(0));
+            if !releases.is_empty() {
+                u64_list(releases, s.init_releases(releases.len() as u32));
+            }
         }
         Body::Abort(object) => root.set_abort(*object),
         Body::Subscribe {
@@ -89,17 +93,29 @@ pub fn encode_request(request: &Request, out: &mut Vec<u8>) {
             g.set_seq(seq.unwrap_or(0));
         }
         Body::Release(r) => root.set_release(*r),
-        Body::ReleaseMany(refs) => {
-            let mut list = root.init_release_many(refs.len() as u32);
-            for (i, r) in refs.iter().enumerate() {
-                list.set(i as u32, *r);
-            }
-        }
+        Body::ReleaseMany(refs) => u64_list(refs, root.init_release_many(refs.len() as u32)),
         Body::Stat => root.set_stat(()),
         Body::Streams => root.set_streams(()),
         Body::StreamStat(name) => root.set_stream_stat(name.as_str()),
+        Body::EndStream(name) => root.set_end_stream(name.as_str()),
+        Body::Commit {
+            subscription,
+            references,
+            state,
+        } => {
+            let mut c = root.init_commit();
+            c.set_subscription(*subscription);
+            c.set_state(state);
+            u64_list(references, c.init_references(references.len() as u32));
+        }
     }
     append_framed(&message, out);
+}
+
+fn u64_list(values: &[u64], mut list: capnp::primitive_list::Builder<'_, u64>) {
+    for (i, v) in values.iter().enumerate() {
+        list.set(i as u32, *v);
+    }
 }
 
 /// Appends `message`, framed, to `out`.
@@ -136,12 +152,15 @@ pub fn encode_server_message(message: &ServerMessage, out: &mut Vec<u8>) {
                         b.set_previous_offset(p.offset);
                         b.set_previous_len(p.len);
                     }
+                    b.set_stream_id(g.stream_id);
+                    b.set_seq(g.seq);
                 }
                 Ok(Reply::Sealed(seq)) => r.set_sealed(*seq),
                 Ok(Reply::Subscribed(s)) => {
                     let mut b = r.init_subscribed();
                     b.set_subscription(s.subscription);
                     b.set_from_seq(s.from_seq);
+                    b.set_state(&s.state);
                 }
                 Ok(Reply::Got(d)) => delivery_to(d, r.init_got()),
                 Ok(Reply::Stat(s)) => store_stat_to(s, r.init_stat()),
@@ -225,6 +244,8 @@ fn stream_stat_to(s: &StreamStat, mut b: schema::stream_stat::Builder<'_>) {
     b.set_dropped_total(s.dropped_total);
     b.set_blocked_creates(s.blocked_creates);
     b.set_rejected_creates(s.rejected_creates);
+    b.set_ended(s.ended);
+    b.set_id(s.id);
     let mut consumers = b.init_consumers(s.consumers.len() as u32);
     for (i, c) in s.consumers.iter().enumerate() {
         let mut cb = consumers.reborrow().get(i as u32);
@@ -282,6 +303,7 @@ impl ErrorCode {
             Self::Protocol => S::Protocol,
             Self::DataNotLanded => S::DataNotLanded,
             Self::Persistence => S::Persistence,
+            Self::EndOfStream => S::EndOfStream,
         }
     }
 }

@@ -18,7 +18,9 @@ pub const MAX_REQUEST_BYTES: usize = 64 << 10;
 pub const MAX_SERVER_MESSAGE_BYTES: usize = 16 << 20;
 /// Longest stream or consumer name, in bytes.
 pub const MAX_NAME_BYTES: usize = 255;
-/// Most references in one `releaseMany`.
+/// Largest consumer state a `commit` may record.
+pub const MAX_CONSUMER_STATE: usize = 4096;
+/// Most references in one `releaseMany` (and in a seal's or commit's releases).
 pub const MAX_RELEASE_BATCH: usize = 4096;
 /// Most segments a control message may have.
 pub(super) const MAX_SEGMENTS: u32 = 16;

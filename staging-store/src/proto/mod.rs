@@ -53,7 +53,8 @@ pub use encode::{encode_config, encode_request, encode_server_message};
 #[doc(hidden)]
 pub use fuzz::fuzz_decode;
 pub use limits::{
-    reader_options, MAX_NAME_BYTES, MAX_RELEASE_BATCH, MAX_REQUEST_BYTES, MAX_SERVER_MESSAGE_BYTES,
+    reader_options, MAX_CONSUMER_STATE, MAX_NAME_BYTES, MAX_RELEASE_BATCH, MAX_REQUEST_BYTES,
+    MAX_SERVER_MESSAGE_BYTES,
 };
 pub use message_buf::MessageBuf;
 pub use replies::{
@@ -64,3 +65,11 @@ pub use requests::{Body, Cursor, FullPolicy, Request, StreamConfig, Transport};
 
 /// Protocol version spoken by this crate.
 pub const VERSION: u32 = 1;
+
+/// A stream's id: the 64-bit FNV-1a hash of its name, the same in every store and across
+/// restarts (what frames carry in their `streamId`).
+pub fn stream_id(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}

@@ -50,6 +50,8 @@ pub enum ErrorCode {
     DataNotLanded,
     /// The store could not record the operation durably.
     Persistence,
+    /// The stream has ended (a subscription's end, or a create or seal after it).
+    EndOfStream,
 }
 
 /// A typed error the store returns.
@@ -107,6 +109,11 @@ pub struct Grant {
     /// The frame of the same stream whose bytes the grant still holds, as sealed (shm
     /// `dirtyOk` grants only): a producer may repaint only what changed since that frame.
     pub previous: Option<PreviousFrame>,
+    /// The stream's id (a stable hash of its name; [`stream_id`](super::stream_id)).
+    pub stream_id: u64,
+    /// The sequence number the frame gets if the stream's grants are sealed in the order they
+    /// were granted (one producer): what a producer writes into the frame itself.
+    pub seq: u64,
 }
 
 /// A freed frame whose bytes a new grant still holds exactly as they were sealed.
@@ -140,12 +147,14 @@ pub struct Delivery {
 }
 
 /// A new subscription.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Subscribed {
     /// Its id.
     pub subscription: u32,
     /// First frame it will deliver.
     pub from_seq: u64,
+    /// The durable consumer's state as last committed (empty if never).
+    pub state: Vec<u8>,
 }
 
 /// One consumer of a stream.
@@ -192,6 +201,10 @@ pub struct StreamStat {
     pub blocked_creates: u64,
     /// Creates refused (full, timed out).
     pub rejected_creates: u64,
+    /// Its producer ended it.
+    pub ended: bool,
+    /// Its id, as in grants.
+    pub id: u64,
 }
 
 /// Store-wide state and counters.

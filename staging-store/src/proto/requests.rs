@@ -121,6 +121,8 @@ pub enum Body {
         len: u64,
         /// CRC-32C of the frame's bytes.
         checksum: Option<u32>,
+        /// References released with the seal, in the same operation.
+        releases: Vec<u64>,
     },
     /// Gives up an unsealed grant.
     Abort(u64),
@@ -154,6 +156,19 @@ pub enum Body {
     Streams,
     /// One stream's state.
     StreamStat(String),
+    /// Ends a stream after its last sealed frame.
+    EndStream(String),
+    /// Releases references of one durable subscription and records the consumer's state
+    /// with its cursor, in one operation.
+    Commit {
+        /// The subscription.
+        subscription: u32,
+        /// References of it to release.
+        references: Vec<u64>,
+        /// The consumer's state (at most [`MAX_CONSUMER_STATE`](super::MAX_CONSUMER_STATE)
+        /// bytes).
+        state: Vec<u8>,
+    },
 }
 
 /// A request with its id.

@@ -43,12 +43,14 @@ fn every_request_round_trips() {
             offset: 65536,
             len: 100,
             checksum: Some(0xdead_beef),
+            releases: Vec::new(),
         },
         Body::Seal {
             object: 7,
             offset: 65536,
             len: 100,
             checksum: None,
+            releases: Vec::new(),
         },
         Body::Abort(9),
         Body::Subscribe {
@@ -164,6 +166,8 @@ fn server_messages_round_trip() {
                 offset: 2,
                 len: 3,
                 previous: None,
+                stream_id: 0,
+                seq: 0,
             })),
         }),
         ServerMessage::Response(Response {
@@ -177,6 +181,8 @@ fn server_messages_round_trip() {
                     offset: 4104,
                     len: 8000,
                 }),
+                stream_id: 0x1234_5678_9abc_def0,
+                seq: 11,
             })),
         }),
         ServerMessage::Delivery(Delivery {
@@ -215,6 +221,10 @@ fn server_messages_round_trip() {
                 dropped_total: 0,
                 blocked_creates: 1,
                 rejected_creates: 0,
+
+                ended: false,
+
+                id: 0,
             }])),
         }),
     ];

@@ -35,6 +35,12 @@ impl Store {
                 format!("no stream {stream_name:?}"),
             ));
         };
+        if stream.ended {
+            return Err(err(
+                ErrorCode::EndOfStream,
+                format!("stream {stream_name:?} has ended: no frame follows its last"),
+            ));
+        }
         let data_bytes = self.region.geometry().block_count * self.region.block_size();
         if size == 0
             || size > data_bytes
@@ -162,13 +168,16 @@ impl Store {
         };
         let id = self.next_object;
         self.next_object += 1;
+        let stream = self.streams.get_mut(stream_name).expect("exists");
         let grant = Grant {
             object: id,
             offset: lease.offset(),
             len: lease.len(),
             previous,
+            stream_id: crate::proto::stream_id(stream_name),
+            // Grants of one producer are sealed in order: this one follows those still open.
+            seq: stream.next_seq + u64::from(stream.writing),
         };
-        let stream = self.streams.get_mut(stream_name).expect("exists");
         stream.writing += 1;
         stream.writing_bytes += lease.len();
         self.objects.insert(

@@ -130,6 +130,9 @@ pub struct Store {
     stat: StoreStat,
     closed: bool,
     recycled: Recycled,
+    /// While one operation's records are gathered into a [`Record::Group`] (see
+    /// [`Store::grouped`]).
+    group: Option<Vec<Record>>,
 }
 
 impl Store {
@@ -155,6 +158,7 @@ impl Store {
             stat,
             closed: false,
             recycled: Recycled::default(),
+            group: None,
         }
     }
 
@@ -292,16 +296,87 @@ impl Store {
                 .stream_stat(&name)
                 .map(|s| Some(Reply::StreamStat(s)))
                 .ok_or_else(|| err(ErrorCode::UnknownStream, format!("no stream {name:?}"))),
+            Body::EndStream(name) => self.end_stream(&name, out).map(Some),
+            Body::Commit {
+                subscription,
+                references,
+                state,
+            } => {
+                let r = self.commit(session, subscription, references, state, out);
+                self.after_change(now, out);
+                r.map(Some)
+            }
+        }
+    }
+
+    /// Runs `operation` with its journal records gathered into one [`Record::Group`], appended
+    /// at its end: on disk, all of them or none. `Freed` records are appended after the group
+    /// (a frame's blocks are only reused by a later operation, and a `Freed` alone must never
+    /// survive a crash that loses the releases which allowed it).
+    ///
+    /// The operation's own checks come first and fail before anything changes; if the group
+    /// cannot be appended (the disk failed), what the operation did stands in memory and the
+    /// caller gets the `persistence` error: the store keeps serving, and only that operation's
+    /// durability is lost.
+    fn grouped<T>(
+        &mut self,
+        operation: impl FnOnce(&mut Self) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.group = Some(Vec::new());
+        let result = operation(self);
+        let records = self.group.take().unwrap_or_default();
+        let (freed, mut records): (Vec<Record>, Vec<Record>) = records
+            .into_iter()
+            .partition(|r| matches!(r, Record::Freed { .. }));
+        // Only the last position of each consumer matters.
+        let mut seen = std::collections::HashSet::new();
+        records.reverse();
+        records.retain(|r| match r {
+            Record::Cursor {
+                stream, consumer, ..
+            }
+            | Record::ConsumerState {
+                stream, consumer, ..
+            } => seen.insert((stream.clone(), consumer.clone())),
+            _ => true,
+        });
+        records.reverse();
+        let mut appended = Ok(());
+        match records.len() {
+            0 => {}
+            1 => appended = self.append(&records[0]),
+            _ => {
+                for chunk in records.chunks(crate::journal::MAX_GROUP_RECORDS) {
+                    let r = self.append(&Record::Group(chunk.to_vec()));
+                    appended = appended.and(r);
+                }
+            }
+        }
+        for record in &freed {
+            let r = self.append(record);
+            appended = appended.and(r);
+        }
+        let value = result?;
+        appended.map(|()| value)
+    }
+
+    fn append(&mut self, record: &Record) -> Result<(), StoreError> {
+        match &mut self.journal {
+            None => Ok(()),
+            Some(j) => j
+                .append(record)
+                .map_err(|e| err(ErrorCode::Persistence, e.to_string())),
         }
     }
 
     fn journal(&mut self, record: Record) -> Result<(), StoreError> {
-        match &mut self.journal {
-            None => Ok(()),
-            Some(j) => j
-                .append(&record)
-                .map_err(|e| err(ErrorCode::Persistence, e.to_string())),
+        if self.journal.is_some() {
+            if let Some(group) = &mut self.group {
+                group.push(record);
+                return Ok(());
+            }
         }
+        self.append(&record)
     }
 }
 

@@ -46,13 +46,14 @@ pub(super) struct Frame {
     pub(super) bytes: u64,
 }
 
-/// The frame a seal names: `len` bytes at region offset `offset`, and the CRC-32C its writer
-/// gave.
-#[derive(Clone, Copy, Debug)]
+/// The frame a seal names: `len` bytes at region offset `offset`, the CRC-32C its writer
+/// gave, and the references released with it.
+#[derive(Clone, Debug)]
 struct SealedBytes {
     offset: u64,
     len: u64,
     checksum: Option<u32>,
+    releases: Vec<u64>,
 }
 
 impl Store {
@@ -69,10 +70,12 @@ impl Store {
             offset,
             len,
             checksum,
+            ref releases,
         } = body
         else {
             unreachable!("dispatch passes seals only")
         };
+        self.check_releases(session, releases)?;
         let obj = self.owned_writing(session, object)?;
         let lease_offset = obj.lease.offset();
         let lease_len = obj.lease.len();
@@ -112,9 +115,31 @@ impl Store {
             offset,
             len,
             checksum,
+            releases: releases.clone(),
         };
         self.finish_seal(session, object, sealed, wall, out)
             .map(|seq| Some(Reply::Sealed(seq)))
+    }
+
+    /// Every reference is this session's and named once: a seal or commit that releases
+    /// them fails whole before anything happens otherwise.
+    pub(super) fn check_releases(
+        &self,
+        session: SessionId,
+        references: &[u64],
+    ) -> Result<(), StoreError> {
+        let held = &self.sessions.get(&session).expect("live session").held;
+        for (i, reference) in references.iter().enumerate() {
+            if !held.contains_key(reference) || references[..i].contains(reference) {
+                return Err(err(
+                    ErrorCode::UnknownReference,
+                    format!(
+                        "reference {reference} is not this client's to release (or named twice)"
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn owned_writing(
@@ -153,6 +178,7 @@ impl Store {
             offset,
             len,
             checksum,
+            releases,
         } = sealed;
         let obj = self.objects.get(&object).expect("checked by the caller");
         let stream_name = obj.stream.clone();
@@ -162,6 +188,14 @@ impl Store {
                 format!("stream {stream_name:?} was deleted"),
             ));
         };
+        if stream.ended {
+            return Err(err(
+                ErrorCode::EndOfStream,
+                format!("stream {stream_name:?} has ended: no frame follows its last"),
+            ));
+        }
+        // Checked again: a tcp seal waits for its bytes, and a release may have come meanwhile.
+        self.check_releases(session, &releases)?;
         // SAFETY: the range lies in the object's grant (checked by `seal`), whose blocks this
         // store owns; its writer has asked to seal, so it no longer writes them (a client that
         // still did would only corrupt its own frame, which the framing and checksum checks
@@ -198,39 +232,55 @@ impl Store {
         }
         let seq = stream.next_seq;
         let sealed_nanos = unix_nanos(wall);
-        let lease = &self.objects[&object].lease;
-        self.journal(Record::Sealed {
-            stream: stream_name.clone(),
-            seq,
-            lease_offset: lease.offset(),
-            lease_len: lease.len(),
-            data_offset: offset,
-            data_len: len,
-            crc32c: checksum.unwrap_or(0),
-            unix_nanos: sealed_nanos,
-        })?;
-        let obj = self.objects.get_mut(&object).expect("exists");
-        obj.state = State::Sealed {
-            seq,
-            offset,
-            len,
-            checksum,
-            sealed_nanos,
+        let with_releases = !releases.is_empty();
+        let apply = |store: &mut Store| {
+            let lease = &store.objects[&object].lease;
+            store.journal(Record::Sealed {
+                stream: stream_name.clone(),
+                seq,
+                lease_offset: lease.offset(),
+                lease_len: lease.len(),
+                data_offset: offset,
+                data_len: len,
+                crc32c: checksum.unwrap_or(0),
+                unix_nanos: sealed_nanos,
+            })?;
+            let obj = store.objects.get_mut(&object).expect("exists");
+            obj.state = State::Sealed {
+                seq,
+                offset,
+                len,
+                checksum,
+                sealed_nanos,
+            };
+            let bytes = obj.lease.len();
+            if let Some(s) = store.sessions.get_mut(&session) {
+                s.writing.retain(|&o| o != object);
+            }
+            let stream = store.streams.get_mut(&stream_name).expect("exists");
+            stream.writing -= 1;
+            stream.writing_bytes -= bytes;
+            stream.next_seq += 1;
+            stream.sealed_total += 1;
+            stream.frames.push_back(Frame { seq, object, bytes });
+            store.stat.seals += 1;
+            store.pump(&stream_name, out);
+            store.trim(&stream_name);
+            // The input frames this output was made from, in the same operation.
+            for reference in releases {
+                store
+                    .release(session, reference, true, out)
+                    .expect("checked before the seal");
+            }
+            Ok(seq)
         };
-        let bytes = obj.lease.len();
-        if let Some(s) = self.sessions.get_mut(&session) {
-            s.writing.retain(|&o| o != object);
+        if with_releases {
+            // The seal and the releases reach the journal as one record.
+            self.grouped(apply)
+        } else {
+            // A plain seal keeps its record ahead of any change: a failed append seals nothing.
+            apply(self)
         }
-        let stream = self.streams.get_mut(&stream_name).expect("exists");
-        stream.writing -= 1;
-        stream.writing_bytes -= bytes;
-        stream.next_seq += 1;
-        stream.sealed_total += 1;
-        stream.frames.push_back(Frame { seq, object, bytes });
-        self.stat.seals += 1;
-        self.pump(&stream_name, out);
-        self.trim(&stream_name);
-        Ok(seq)
     }
 
     /// Starts a tcp session's write of `len` bytes at `at` (from the grant's start) of
@@ -327,6 +377,7 @@ impl Store {
                 offset,
                 len,
                 checksum,
+                releases,
                 ..
             },
         )) = pending_seal.take()
@@ -341,6 +392,7 @@ impl Store {
                     offset,
                     len,
                     checksum,
+                    releases,
                 },
                 wall,
                 out,

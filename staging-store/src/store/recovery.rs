@@ -53,9 +53,16 @@ impl Store {
             config: StreamConfig,
             frames: std::collections::BTreeMap<u64, Record>,
             next_seq: u64,
-            cursors: HashMap<String, u64>,
+            cursors: HashMap<String, (u64, Vec<u8>)>,
+            ended: bool,
         }
         let mut folded: HashMap<String, Folded> = HashMap::new();
+        // A group's records replay in order, as if appended one by one (the group only makes
+        // them all-or-none on disk).
+        let records = records.into_iter().flat_map(|record| match record {
+            Record::Group(inner) => inner,
+            other => vec![other],
+        });
         for record in records {
             match record {
                 Record::StreamCreated { name, config } => {
@@ -69,6 +76,7 @@ impl Store {
                             frames: Default::default(),
                             next_seq: 0,
                             cursors: HashMap::new(),
+                            ended: false,
                         },
                     );
                 }
@@ -97,10 +105,29 @@ impl Store {
                         if consumer.is_empty() {
                             f.next_seq = f.next_seq.max(next_seq);
                         } else {
-                            f.cursors.insert(consumer, next_seq);
+                            // A plain cursor move keeps the state last committed.
+                            let state = f.cursors.remove(&consumer).map(|c| c.1);
+                            f.cursors
+                                .insert(consumer, (next_seq, state.unwrap_or_default()));
                         }
                     }
                 }
+                Record::ConsumerState {
+                    stream,
+                    consumer,
+                    next_seq,
+                    state,
+                } => {
+                    if let Some(f) = folded.get_mut(&stream) {
+                        f.cursors.insert(consumer, (next_seq, state));
+                    }
+                }
+                Record::Ended { stream } => {
+                    if let Some(f) = folded.get_mut(&stream) {
+                        f.ended = true;
+                    }
+                }
+                Record::Group(_) => unreachable!("groups are flattened above"),
                 Record::ConsumerDeleted { stream, consumer } => {
                     if let Some(f) = folded.get_mut(&stream) {
                         f.cursors.remove(&consumer);
@@ -162,7 +189,8 @@ impl Store {
                     }
                 }
             }
-            for (consumer, committed) in f.cursors {
+            stream.ended = f.ended;
+            for (consumer, (committed, state)) in f.cursors {
                 stream.consumers.insert(
                     consumer,
                     Consumer {
@@ -170,6 +198,7 @@ impl Store {
                         committed,
                         acked: BTreeSet::new(),
                         attached: None,
+                        state,
                     },
                 );
             }
@@ -301,12 +330,18 @@ impl Store {
             });
             for (consumer, c) in &stream.consumers {
                 if c.durable {
-                    records.push(Record::Cursor {
+                    records.push(Record::ConsumerState {
                         stream: name.clone(),
                         consumer: consumer.clone(),
                         next_seq: c.committed,
+                        state: c.state.clone(),
                     });
                 }
+            }
+            if stream.ended {
+                records.push(Record::Ended {
+                    stream: name.clone(),
+                });
             }
         }
         records

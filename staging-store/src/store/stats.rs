@@ -95,6 +95,8 @@ impl Store {
             dropped_total: s.dropped_total,
             blocked_creates: s.blocked_creates,
             rejected_creates: s.rejected_creates,
+            ended: s.ended,
+            id: crate::proto::stream_id(name),
         })
     }
 }

@@ -15,6 +15,8 @@ pub(super) struct Consumer {
     /// Released frames at or after `committed` (out-of-order releases).
     pub(super) acked: BTreeSet<u64>,
     pub(super) attached: Option<(SessionId, u32)>,
+    /// What the consumer committed with its cursor (`commit`), returned when it resumes.
+    pub(super) state: Vec<u8>,
 }
 
 #[derive(Debug)]
@@ -31,6 +33,8 @@ pub(super) struct Stream {
     pub(super) dropped_total: u64,
     pub(super) blocked_creates: u64,
     pub(super) rejected_creates: u64,
+    /// Its producer ended it: no frame follows `next_seq - 1`.
+    pub(super) ended: bool,
 }
 
 impl Stream {
@@ -47,6 +51,7 @@ impl Stream {
             dropped_total: 0,
             blocked_creates: 0,
             rejected_creates: 0,
+            ended: false,
         }
     }
 
@@ -186,6 +191,38 @@ impl Store {
         // A stream created later under this name is another stream: its grants must not name
         // these frames.
         self.recycled.forget(name);
+        Ok(Reply::Ok)
+    }
+
+    /// Ends a stream after its last sealed frame: creates waiting for room fail, and every
+    /// consumer that has been delivered everything is told (the others once they have).
+    pub(super) fn end_stream(
+        &mut self,
+        name: &str,
+        out: &mut Vec<Out>,
+    ) -> Result<Reply, StoreError> {
+        let Some(stream) = self.streams.get(name) else {
+            return Err(err(ErrorCode::UnknownStream, format!("no stream {name:?}")));
+        };
+        if stream.ended {
+            return Ok(Reply::Ok);
+        }
+        self.journal(Record::Ended {
+            stream: name.to_owned(),
+        })?;
+        let stream = self.streams.get_mut(name).expect("looked up above");
+        stream.ended = true;
+        let parked: Vec<Parked> = stream.parked.drain(..).collect();
+        self.waiting.remove(name);
+        for p in parked {
+            self.stat.errors += 1;
+            out.push(respond_err(
+                p.session,
+                p.request,
+                err(ErrorCode::EndOfStream, format!("stream {name:?} has ended")),
+            ));
+        }
+        self.pump(name, out);
         Ok(Reply::Ok)
     }
 

@@ -9,6 +9,7 @@ use super::{
 use crate::journal::Record;
 use crate::proto::{
     Cursor, Delivery, ErrorCode, Reply, ServerMessage, StoreError, Subscribed, Transport,
+    MAX_CONSUMER_STATE,
 };
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -30,6 +31,8 @@ pub(super) struct Subscription {
     pub(super) next: u64,
     /// Frames delivered in all.
     pub(super) delivered: u64,
+    /// The end of its stream was sent.
+    pub(super) ended: bool,
 }
 
 impl Store {
@@ -102,6 +105,7 @@ impl Store {
                         committed,
                         acked: BTreeSet::new(),
                         attached: Some((session, sub)),
+                        state: Vec::new(),
                     },
                 );
                 committed
@@ -117,20 +121,97 @@ impl Store {
                 outstanding: 0,
                 next: from_seq,
                 delivered: 0,
+                ended: false,
             },
         );
         if durable {
             self.journal(Record::Cursor {
                 stream: stream_name.clone(),
-                consumer: name,
+                consumer: name.clone(),
                 next_seq: from_seq,
             })?;
         }
+        let state = if durable {
+            self.streams[&stream_name].consumers[&name].state.clone()
+        } else {
+            Vec::new()
+        };
         self.pump(&stream_name, out);
         Ok(Reply::Subscribed(Subscribed {
             subscription: sub,
             from_seq,
+            state,
         }))
+    }
+
+    /// Releases `references` of durable subscription `sub` and records `state` with the
+    /// consumer's cursor, in one operation (one journal record).
+    pub(super) fn commit(
+        &mut self,
+        session: SessionId,
+        sub: u32,
+        references: Vec<u64>,
+        state: Vec<u8>,
+        out: &mut Vec<Out>,
+    ) -> Result<Reply, StoreError> {
+        if state.len() > MAX_CONSUMER_STATE {
+            return Err(err(
+                ErrorCode::TooLarge,
+                format!(
+                    "a consumer state of {} bytes (at most {MAX_CONSUMER_STATE})",
+                    state.len()
+                ),
+            ));
+        }
+        let s = self.sessions.get(&session).expect("checked by dispatch");
+        let Some(subscription) = s.subscriptions.get(&sub) else {
+            return Err(err(ErrorCode::BadRequest, format!("no subscription {sub}")));
+        };
+        let (stream_name, consumer) = (subscription.stream.clone(), subscription.consumer.clone());
+        let durable = self
+            .streams
+            .get(&stream_name)
+            .and_then(|st| st.consumers.get(&consumer))
+            .is_some_and(|c| c.durable);
+        if !durable {
+            return Err(err(
+                ErrorCode::BadRequest,
+                "only a named (durable) consumer commits a state",
+            ));
+        }
+        self.check_releases(session, &references)?;
+        if let Some(other) = references
+            .iter()
+            .find(|r| s.held.get(r).is_some_and(|h| h.subscription != sub))
+        {
+            return Err(err(
+                ErrorCode::BadRequest,
+                format!("reference {other} is not a delivery of subscription {sub}"),
+            ));
+        }
+        self.grouped(|store| {
+            for reference in references {
+                store
+                    .release(session, reference, true, out)
+                    .expect("checked before the commit");
+            }
+            let Some(c) = store
+                .streams
+                .get_mut(&stream_name)
+                .and_then(|st| st.consumers.get_mut(&consumer))
+            else {
+                return Err(err(ErrorCode::UnknownStream, "the stream went away"));
+            };
+            c.state = state;
+            let record = Record::ConsumerState {
+                stream: stream_name.clone(),
+                consumer: consumer.clone(),
+                next_seq: c.committed,
+                state: c.state.clone(),
+            };
+            store.journal(record)?;
+            Ok(Reply::Ok)
+        })
     }
 
     pub(super) fn unsubscribe(
@@ -382,10 +463,30 @@ impl Store {
                     index += 1;
                 }
                 let Some(frame) = stream.frames.get(index).copied() else {
-                    let next = stream.next_seq;
+                    let (next, ended) = (stream.next_seq, stream.ended);
                     let s = self.sessions.get_mut(&session).expect("present");
                     let subscription = s.subscriptions.get_mut(&sub).expect("present");
                     subscription.next = subscription.next.max(next);
+                    if ended && !subscription.ended {
+                        // Every frame of the ended stream has been delivered: the end follows
+                        // them (a tcp client counts `delivered` to wait for the last ones).
+                        subscription.ended = true;
+                        let delivered = subscription.delivered;
+                        out.push(Out::Message(
+                            session,
+                            ServerMessage::Ended {
+                                subscription: sub,
+                                reason: err(
+                                    ErrorCode::EndOfStream,
+                                    format!(
+                                        "stream {stream_name:?} ended after frame {}",
+                                        next.wrapping_sub(1)
+                                    ),
+                                ),
+                                delivered,
+                            },
+                        ));
+                    }
                     break;
                 };
                 let delivery = self.hold(session, stream_name, frame, sub, out);
